@@ -1,0 +1,11 @@
+//! h8: a peer-to-peer authorization daemon.
+//!
+//! The sans-IO core ([`token`], [`policy`], [`wire`], [`handshake`]) is pure:
+//! bytes and the current time go in, decisions and bytes come out. The async
+//! drivers around it ([`daemon`], [`local_api`], [`token_server`]) own the
+//! sockets, clocks and files.
+
+pub mod identity;
+pub mod policy;
+pub mod source;
+pub mod token;
