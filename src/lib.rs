@@ -5,7 +5,10 @@
 //! drivers around it ([`daemon`], [`local_api`], [`token_server`]) own the
 //! sockets, clocks and files.
 
+pub mod authorize;
+pub mod handshake;
 pub mod identity;
 pub mod policy;
 pub mod source;
 pub mod token;
+pub mod wire;
