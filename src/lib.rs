@@ -6,9 +6,11 @@
 //! sockets, clocks and files.
 
 pub mod authorize;
+pub mod cli;
 pub mod handshake;
 pub mod identity;
 pub mod policy;
 pub mod source;
 pub mod token;
+pub mod token_server;
 pub mod wire;

@@ -1,0 +1,3 @@
+//! Subcommand implementations of the `h8` command-line tool.
+
+pub mod admin;

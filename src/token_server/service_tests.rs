@@ -1,0 +1,1 @@
+//! Unit tests of the service; filled in by the next commit.

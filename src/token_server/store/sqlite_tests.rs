@@ -1,0 +1,1 @@
+//! Unit tests of the SQLite store; filled in by the next commit.
