@@ -7,10 +7,15 @@
 
 pub mod authorize;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod handshake;
 pub mod identity;
+pub mod local_api;
 pub mod policy;
+pub mod proxy_v2;
 pub mod source;
+pub mod telemetry;
 pub mod token;
 pub mod token_server;
 pub mod wire;

@@ -208,7 +208,25 @@ pub struct StreamOpen {
     pub service: String,
 }
 
-/// The acceptor's reply to [`StreamOpen`].
+/// A newer token for the sender, verified like the one in the handshake.
+/// Sent when a daemon's token is refreshed or rotated, so connections
+/// outlive the tokens they started with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUpdate {
+    /// The new token, encoded.
+    pub token: Vec<u8>,
+}
+
+/// First frame on every stream after the handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamHeader {
+    /// Open a service.
+    Open(StreamOpen),
+    /// Replace the sender's token on this connection.
+    TokenUpdate(TokenUpdate),
+}
+
+/// The acceptor's reply to a [`StreamHeader`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StreamReply {
     /// The stream is authorized; raw bytes follow in both directions.
@@ -355,7 +373,10 @@ mod tests {
         assert_eq!(decoder.next::<StreamOpen>(), Ok(None));
         decoder.push(&frame[3..]);
         decoder.push(b"payload");
-        let open = decoder.next::<StreamOpen>().expect("valid").expect("complete");
+        let open = decoder
+            .next::<StreamOpen>()
+            .expect("valid")
+            .expect("complete");
         assert_eq!(open.service, "orders");
         assert_eq!(decoder.into_remainder(), b"payload");
     }
@@ -406,6 +427,7 @@ mod tests {
             decoder.push(&bytes);
             let _ = decoder.next::<HandshakeFrame>();
             let _ = decode_body::<StreamOpen>(&bytes);
+            let _ = decode_body::<StreamHeader>(&bytes);
             let _ = decode_body::<StreamReply>(&bytes);
         }
     }

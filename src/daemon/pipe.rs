@@ -1,0 +1,107 @@
+//! Copies bytes between a QUIC stream and a local byte stream.
+//!
+//! Both directions run at once. End of stream on one side becomes a
+//! half-close on the other (QUIC `finish`, or `shutdown` of the local write
+//! half). An error in either direction resets the QUIC stream, so the far
+//! end sees a broken stream rather than a clean end.
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+/// QUIC application error code sent when the local side of a stream failed.
+pub const LOCAL_ERROR_CODE: u32 = 0x1;
+/// QUIC application error code sent when the daemon shuts down a stream.
+pub const SHUTDOWN_CODE: u32 = 0x2;
+
+const BUFFER_LEN: usize = 64 * 1024;
+
+/// Bytes moved in each direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipeStats {
+    /// Bytes from the local side to the peer.
+    pub sent: u64,
+    /// Bytes from the peer to the local side.
+    pub received: u64,
+}
+
+/// Errors that ended a pipe.
+#[derive(Debug, thiserror::Error)]
+pub enum PipeError {
+    /// Reading from or writing to the local stream failed.
+    #[error("local stream failed: {0}")]
+    Local(std::io::Error),
+    /// The peer reset or stopped the stream, or the connection broke.
+    #[error("peer stream failed: {0}")]
+    Peer(String),
+}
+
+/// Pipes `local` to and from a QUIC stream until both directions end.
+pub async fn pipe<L>(
+    local: L,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    initial: Vec<u8>,
+) -> Result<PipeStats, PipeError>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut local_read, mut local_write) = tokio::io::split(local);
+
+    let outbound = async {
+        let mut buffer = vec![0u8; BUFFER_LEN];
+        let mut total = 0u64;
+        loop {
+            let n = match local_read.read(&mut buffer).await {
+                Ok(n) => n,
+                Err(e) => return Err(PipeError::Local(e)),
+            };
+            if n == 0 {
+                let _ = send.finish();
+                return Ok(total);
+            }
+            send.write_all(&buffer[..n])
+                .await
+                .map_err(|e| PipeError::Peer(e.to_string()))?;
+            total += n as u64;
+        }
+    };
+
+    let inbound = async {
+        let mut total = 0u64;
+        if !initial.is_empty() {
+            local_write
+                .write_all(&initial)
+                .await
+                .map_err(PipeError::Local)?;
+            total += initial.len() as u64;
+        }
+        loop {
+            match recv.read_chunk(BUFFER_LEN, true).await {
+                Ok(Some(chunk)) => {
+                    local_write
+                        .write_all(&chunk.bytes)
+                        .await
+                        .map_err(PipeError::Local)?;
+                    total += chunk.bytes.len() as u64;
+                }
+                Ok(None) => {
+                    let _ = local_write.shutdown().await;
+                    return Ok(total);
+                }
+                Err(e) => return Err(PipeError::Peer(e.to_string())),
+            }
+        }
+    };
+
+    // Run both directions to completion. The first failure ends the pipe,
+    // and both QUIC directions are then reset explicitly: quinn finishes a
+    // dropped send stream cleanly, which would hide the failure from the peer.
+    let result = tokio::try_join!(outbound, inbound);
+    match result {
+        Ok((sent, received)) => Ok(PipeStats { sent, received }),
+        Err(error) => {
+            let _ = send.reset(LOCAL_ERROR_CODE.into());
+            let _ = recv.stop(LOCAL_ERROR_CODE.into());
+            Err(error)
+        }
+    }
+}
