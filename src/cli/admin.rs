@@ -55,7 +55,7 @@ pub enum AdminCommand {
     Reload,
 }
 
-/// What `h8 admin revoke` revokes; exactly one is required.
+/// Target of `h8 admin revoke`: exactly one option is required.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct RevokeArgs {

@@ -46,7 +46,7 @@ pub fn token_request_message(source_id: &str, application: &str, timestamp: u64)
 pub struct ErrorBody {
     /// Stable machine-readable code, such as `code_expired`.
     pub error: String,
-    /// What failed, on which value, and what to do.
+    /// Description of what failed, on which value, and what to do.
     pub message: String,
 }
 
@@ -219,7 +219,7 @@ pub struct AdminRevokeRequest {
 pub struct AdminRevokeResponse {
     /// Revocation epoch after the change.
     pub epoch: u64,
-    /// What was revoked, in words.
+    /// Description of the revoked session, server or token.
     pub revoked: String,
 }
 

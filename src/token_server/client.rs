@@ -44,7 +44,7 @@ pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// Time limit on one request, connection set-up included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Why a client request failed.
+/// Error from a client request.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The address or pin given to the client is invalid.
@@ -72,7 +72,7 @@ pub enum ClientError {
     /// The request did not finish within [`REQUEST_TIMEOUT`].
     #[error("request to {0} timed out after {REQUEST_TIMEOUT:?}")]
     Timeout(String),
-    /// The server answered with an error.
+    /// The server returned an error status.
     #[error("token server returned {status} {error}: {message}")]
     Api {
         /// HTTP status.
@@ -403,7 +403,7 @@ impl AdminClient {
         }
     }
 
-    /// The socket path.
+    /// Returns the socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
     }

@@ -79,12 +79,12 @@ pub fn open_service(config: &Config) -> anyhow::Result<Service> {
     let key_id = KeyId::of(&signing_key.public()).to_string();
     match store.signing_keys()?.iter().find(|k| k.key_id == key_id) {
         Some(record) if record.retired_at.is_some() => bail!(
-            "{} holds key {key_id}, which the database lists as retired; restore the current key file",
+            "{} holds key {key_id}, which the database marks as retired; restore the current key file from a backup",
             data_dir.signing_key_path().display()
         ),
         Some(_) => {}
         None => {
-            tracing::warn!(%key_id, "the signing key file holds a key the database does not know; publishing it as the current key");
+            tracing::warn!(%key_id, "the signing key file contains a key missing from the database; publishing it as the current key");
             store.insert_signing_key(&SigningKeyRecord {
                 key_id: key_id.clone(),
                 public_key: signing_key.public().to_bytes(),

@@ -58,7 +58,7 @@ pub struct ServiceError {
     pub kind: ErrorKind,
     /// Stable machine-readable code.
     pub code: &'static str,
-    /// What failed, on which value, and what to do.
+    /// Description of what failed, on which value, and what to do.
     pub message: String,
 }
 
@@ -155,7 +155,7 @@ impl Service {
         &self.issuer
     }
 
-    /// The policy in force.
+    /// Returns the policy in force.
     pub fn policy(&self) -> Arc<PolicyState> {
         Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
     }
@@ -259,31 +259,31 @@ pub fn random_id(prefix: &str, bytes: usize) -> String {
 }
 
 /// Checks a resource server or application name in a request.
-fn check_name(what: &str, name: &str) -> Result<(), ServiceError> {
+fn check_name(field: &str, name: &str) -> Result<(), ServiceError> {
     if valid_name(name) && name != "*" {
         return Ok(());
     }
     Err(ServiceError::bad_request(
         "invalid_name",
         format!(
-            "invalid {what} {:?}: use 1 to 128 ASCII letters, digits, '-', '_' or '.'",
+            "invalid {field} {:?}: use 1 to 128 ASCII letters, digits, '-', '_' or '.'",
             truncate(name)
         ),
     ))
 }
 
 /// Decodes standard base64 of exactly `N` bytes.
-fn decode_fixed<const N: usize>(what: &str, text: &str) -> Result<[u8; N], ServiceError> {
+fn decode_fixed<const N: usize>(field: &str, text: &str) -> Result<[u8; N], ServiceError> {
     let bytes = STANDARD.decode(text.trim()).map_err(|_| {
         ServiceError::bad_request(
             "invalid_encoding",
-            format!("{what} is not valid standard base64"),
+            format!("{field} is not valid standard base64"),
         )
     })?;
     bytes.try_into().map_err(|bytes: Vec<u8>| {
         ServiceError::bad_request(
             "invalid_encoding",
-            format!("{what} is {} bytes, expected {N}", bytes.len()),
+            format!("{field} is {} bytes, expected {N}", bytes.len()),
         )
     })
 }

@@ -145,7 +145,7 @@ impl Service {
         let mut challenge = [0u8; 32];
         OsRng.fill_bytes(&mut challenge);
         let expires_at = now.saturating_add(self.lifetimes.challenge);
-        // NOTE: the cap bounds storage, but anyone who knows an enrolled
+        // NOTE: the cap bounds storage, but anyone who has an enrolled
         // name can hold it at the cap and so delay that server's sessions.
         if !store.insert_challenge(
             &challenge,

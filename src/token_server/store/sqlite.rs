@@ -121,10 +121,10 @@ fn uint(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
 
-fn key32(bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
+fn key32(bytes: Vec<u8>, column: &str) -> Result<[u8; 32], StoreError> {
     bytes
         .try_into()
-        .map_err(|_| StoreError::Backend(format!("stored {what} is not 32 bytes")))
+        .map_err(|_| StoreError::Backend(format!("stored {column} is not 32 bytes")))
 }
 
 fn append_audit(tx: &rusqlite::Transaction<'_>, audit: &AuditEvent) -> Result<(), StoreError> {
@@ -507,7 +507,7 @@ impl Store for SqliteStore {
             )?,
         };
         if changed == 0 {
-            let what = match target {
+            let message = match target {
                 RevokeTarget::Session(id) => {
                     format!("no unrevoked session with source identifier {id:?}")
                 }
@@ -516,7 +516,7 @@ impl Store for SqliteStore {
                 }
                 RevokeTarget::Token(id) => format!("no unrevoked token with id {id:?}"),
             };
-            return Err(StoreError::NotFound(what));
+            return Err(StoreError::NotFound(message));
         }
         let epoch = bump_epoch(&tx)?;
         append_audit(&tx, &audit)?;
