@@ -1,0 +1,271 @@
+//! Token server and session daemons as real processes on 127.0.0.1: streams
+//! between authorized peers, and each kind of refusal with its own reason.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+const POLICY: &str = r#"
+[applications.inventory]
+servers = ["server-a", "server-b", "server-c"]
+
+[[applications.inventory.allow]]
+from = "server-a"
+to = "server-b"
+services = ["echo"]
+
+[[applications.inventory.allow]]
+from = "server-b"
+to = "server-a"
+services = ["echo"]
+"#;
+
+struct Cluster {
+    _root: tempfile::TempDir,
+    server: TokenServer,
+    a: Daemon,
+    b: Daemon,
+    c: Daemon,
+}
+
+fn echo_service(port: u16) -> String {
+    format!("[services.echo]\ntarget = \"tcp:127.0.0.1:{port}\"\n\n[services.admin]\ntarget = \"tcp:127.0.0.1:{port}\"\n")
+}
+
+fn cluster(tokend_extra: &str, daemon_extra: &str) -> Cluster {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = TokenServer::start(&root.path().join("tokend"), POLICY, tokend_extra);
+    let echo = echo_server();
+    let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
+    let names = ["server-a", "server-b", "server-c"];
+    let mut daemons = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut spec = Daemon::token_server_config(name, ports[i], &server, "inventory");
+        spec.mode.push_str(daemon_extra);
+        spec.peers = names
+            .iter()
+            .zip(ports)
+            .filter(|(n, _)| *n != name)
+            .map(|(n, p)| (n.to_string(), p, None))
+            .collect();
+        spec.services = echo_service(echo);
+        let code = server.enrollment_code(name);
+        daemons.push(Daemon::start(root.path(), &spec, Some(code)));
+    }
+    let c = daemons.pop().expect("c");
+    let b = daemons.pop().expect("b");
+    let a = daemons.pop().expect("a");
+    Cluster {
+        _root: root,
+        server,
+        a,
+        b,
+        c,
+    }
+}
+
+fn assert_echo(daemon: &Daemon, peer: &str) {
+    let stream = daemon
+        .connect(peer, "echo")
+        .unwrap_or_else(|(status, body)| panic!("{} -> {peer}: {status} {body}", daemon.name));
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(round_trip(stream, &payload), payload);
+}
+
+fn refusal(daemon: &Daemon, peer: &str, service: &str) -> (u16, String) {
+    match daemon.connect(peer, service) {
+        Ok(_) => panic!("{} -> {peer}/{service} was accepted", daemon.name),
+        Err(refusal) => refusal,
+    }
+}
+
+#[test]
+fn authorized_streams_carry_data_both_ways() {
+    let cluster = cluster("", "");
+    assert_echo(&cluster.a, "server-b");
+    assert_echo(&cluster.b, "server-a");
+    let status = cluster.a.status();
+    assert_eq!(status["session_state"], "active", "{status}");
+}
+
+#[test]
+fn each_refusal_has_its_own_reason() {
+    let cluster = cluster("", "");
+
+    // A resource server with no allow rule towards server-b.
+    let (status, body) = refusal(&cluster.c, "server-b", "echo");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("out_of_scope"), "{body}");
+    assert!(body.contains("server-c"), "{body}");
+
+    // A service outside the token's scope.
+    let (status, body) = refusal(&cluster.a, "server-b", "admin");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("admin"), "{body}");
+
+    // A peer that is not configured.
+    let (status, body) = refusal(&cluster.a, "server-z", "echo");
+    assert_eq!(status, 404, "{body}");
+
+    // The refused sides stay healthy.
+    assert_echo(&cluster.a, "server-b");
+    assert_echo(&cluster.b, "server-a");
+}
+
+#[test]
+fn revoked_session_is_refused_and_disconnected() {
+    let cluster = cluster("", "");
+    assert_echo(&cluster.a, "server-b");
+    let source_id = cluster.a.status()["source_id"].as_str().expect("source id").to_owned();
+
+    cluster.server.admin(&["revoke", "--session", &source_id]);
+
+    wait_for("server-b to refuse the revoked session", Duration::from_secs(10), || {
+        matches!(cluster.a.connect("server-b", "echo"), Err((403, body)) if body.contains("revoked"))
+    });
+    // Other sessions are unaffected.
+    assert_echo(&cluster.b, "server-a");
+}
+
+#[test]
+fn expired_token_is_refused() {
+    // Tokens live 6 s and peers allow no clock skew; with the token server
+    // stopped, server-a cannot refresh and its token runs out.
+    let mut cluster = cluster("token_lifetime_secs = 6\n", "leeway_secs = 0\n");
+    assert_echo(&cluster.a, "server-b");
+    cluster.server.process.kill();
+    std::thread::sleep(Duration::from_secs(7));
+    let (status, body) = refusal(&cluster.a, "server-b", "echo");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("expired"), "{body}");
+}
+
+#[test]
+fn killed_peer_is_reconnected_after_restart() {
+    let mut cluster = cluster("", "");
+    assert_echo(&cluster.a, "server-b");
+    cluster.b.process.kill();
+    cluster.b.restart();
+    wait_for("a new stream to server-b after its restart", Duration::from_secs(20), || {
+        cluster
+            .a
+            .connect("server-b", "echo")
+            .is_ok_and(|stream| round_trip(stream, b"again") == b"again")
+    });
+}
+
+#[test]
+fn restart_without_token_server_uses_saved_token() {
+    let mut cluster = cluster("", "");
+    assert_echo(&cluster.a, "server-b");
+    cluster.server.process.kill();
+    cluster.a.restart();
+    assert_echo(&cluster.a, "server-b");
+    assert_echo(&cluster.b, "server-a");
+    let status = cluster.a.status();
+    assert_eq!(status["session_state"], "degraded", "{status}");
+}
+
+#[test]
+fn daemon_of_other_token_server_is_refused() {
+    let cluster = cluster("", "");
+    let root = tempfile::tempdir().expect("tempdir");
+    let other = TokenServer::start(&root.path().join("other"), POLICY, "");
+    let mut spec = Daemon::token_server_config("server-c", free_udp_port(), &other, "inventory");
+    spec.peers = vec![("server-b".to_owned(), cluster.b.port, None)];
+    spec.services = echo_service(echo_server());
+    let stranger = Daemon::start(root.path(), &spec, Some(other.enrollment_code("server-c")));
+    let (status, body) = refusal(&stranger, "server-b", "echo");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("unknown_signing_key") || body.contains("unknown key"), "{body}");
+    assert_echo(&cluster.a, "server-b");
+}
+
+/// Dials `daemon` over real QUIC with `key` as the TLS identity and runs the
+/// client side of the h8 handshake with `token`; returns the server's verdict.
+fn handshake_with(daemon: &Daemon, key: h8::identity::IdentityKey, token: Vec<u8>, keys: h8::token::KeySet) -> Result<(), h8::wire::Reject> {
+    use h8::handshake::{ConnectionContext, Initiator, LocalIdentity, Trust, EXPORTER_LABEL};
+    use h8::wire::{FrameDecoder, RejectCode};
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async move {
+        let (client_crypto, _) = h8::daemon::tls::quic_crypto(&key, "impostor").expect("crypto");
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("endpoint");
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(client_crypto)));
+        let connection = endpoint
+            .connect(format!("127.0.0.1:{}", daemon.port).parse().expect("address"), "h8")
+            .expect("connect")
+            .await
+            .expect("QUIC connection");
+        let mut exporter = [0u8; 32];
+        connection
+            .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+            .expect("exporter");
+        let context = ConnectionContext {
+            exporter,
+            peer_tls_key: h8::daemon::tls::peer_tls_key(&connection).expect("peer key"),
+        };
+        let local = LocalIdentity {
+            name: "server-a".to_owned(),
+            key: key.signing_key().clone(),
+            token,
+        };
+        let trust = Trust::TokenServer {
+            keys,
+            validation: h8::token::Validation::client("h8-tokend"),
+        };
+        let (initiator, hello) = Initiator::start(local, trust, context, daemon.name.clone(), [7; 32]);
+        let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+        send.write_all(&hello).await.expect("send hello");
+        let mut decoder = FrameDecoder::default();
+        loop {
+            let chunk = recv.read_chunk(4096, true).await;
+            match chunk {
+                Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+                _ => return Err(h8::wire::Reject::new(RejectCode::Internal, "stream ended")),
+            }
+            if let Some(body) = decoder.next_body().expect("frame") {
+                return initiator.handle_server_hello(&body, h8::daemon::unix_now()).map(|_| ());
+            }
+        }
+    })
+}
+
+fn saved_token(daemon: &Daemon) -> (Vec<u8>, h8::token::KeySet) {
+    let saved = h8::daemon::session::SavedSession::load(&daemon.dir.join("state")).expect("saved session");
+    let token = h8::token::from_text(saved.token.as_deref().expect("token")).expect("token text");
+    let keys = h8::token::KeySet::new(
+        saved
+            .signing_keys
+            .iter()
+            .map(|k| h8::identity::parse_public_key(k).expect("key")),
+    );
+    (token, keys)
+}
+
+#[test]
+fn copied_token_is_refused() {
+    let cluster = cluster("", "");
+    let (token, keys) = saved_token(&cluster.a);
+    let reject = handshake_with(&cluster.b, h8::identity::IdentityKey::generate(), token, keys).unwrap_err();
+    assert_eq!(reject.code, h8::wire::RejectCode::KeyMismatch, "{reject}");
+    assert_echo(&cluster.a, "server-b");
+}
+
+#[test]
+fn tampered_token_is_refused() {
+    let cluster = cluster("", "");
+    let (mut token, keys) = saved_token(&cluster.a);
+    let last = token.len() - 70;
+    token[last] ^= 0x01;
+    let key = h8::identity::IdentityKey::load(&cluster.a.dir.join("state/identity.pem")).expect("key of server-a");
+    let reject = handshake_with(&cluster.b, key, token, keys).unwrap_err();
+    assert!(
+        matches!(reject.code, h8::wire::RejectCode::InvalidToken),
+        "{reject}"
+    );
+    assert_echo(&cluster.a, "server-b");
+}
