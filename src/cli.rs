@@ -1,3 +1,5 @@
 //! Subcommand implementations of the `h8` command-line tool.
 
 pub mod admin;
+pub mod api_client;
+pub mod daemon;

@@ -12,6 +12,7 @@ mod connection;
 pub mod credentials;
 mod external_authorizer;
 pub mod forward;
+pub mod forwards;
 mod http_identity;
 pub mod lifecycle;
 pub mod pipe;

@@ -1,10 +1,13 @@
 //! `h8`: the command-line tool for h8 daemons and the token server.
 
+use std::future::Future;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use h8::cli::admin::AdminArgs;
+use h8::cli::daemon::{ConnectArgs, ShowArgs};
 
 /// Command-line tool for h8 daemons and the h8 token server.
 #[derive(Debug, Parser)]
@@ -18,33 +21,35 @@ struct Cli {
 enum Command {
     /// Administer the token server over its admin socket.
     Admin(AdminArgs),
-    /// Show the local daemon's status.
-    Status,
-    /// List the local daemon's peers.
-    Peers,
-    /// Open a connection to a service on a peer.
-    Connect,
-    /// Show the local daemon's current client token.
-    Token,
+    /// Show the local daemon's status: session, token expiry, uptime.
+    Status(ShowArgs),
+    /// List the local daemon's peers with connection state, RTT and last error.
+    Peers(ShowArgs),
+    /// Open a stream to a service on a peer and connect it to standard input
+    /// and output, like nc.
+    Connect(ConnectArgs),
+    /// Show the decoded claims of the local daemon's token (never the token itself).
+    Token(ShowArgs),
     /// Run a local demonstration.
     Demo,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let name = match cli.command {
-        Command::Admin(args) => return run_admin(args),
-        Command::Status => "status",
-        Command::Peers => "peers",
-        Command::Connect => "connect",
-        Command::Token => "token",
-        Command::Demo => "demo",
-    };
-    eprintln!("h8 {name}: not implemented yet");
-    ExitCode::FAILURE
+    match cli.command {
+        Command::Admin(args) => run(h8::cli::admin::run(args)),
+        Command::Status(args) => run(h8::cli::daemon::status(args)),
+        Command::Peers(args) => run(h8::cli::daemon::peers(args)),
+        Command::Connect(args) => run(h8::cli::daemon::connect(args)),
+        Command::Token(args) => run(h8::cli::daemon::token(args)),
+        Command::Demo => {
+            eprintln!("h8 demo: not implemented yet");
+            ExitCode::FAILURE
+        }
+    }
 }
 
-fn run_admin(args: AdminArgs) -> ExitCode {
+fn run(command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -55,7 +60,11 @@ fn run_admin(args: AdminArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(h8::cli::admin::run(args)) {
+    let result = runtime.block_on(command);
+    // A read of standard input may still block a runtime thread after an
+    // error; do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
