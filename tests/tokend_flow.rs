@@ -455,12 +455,21 @@ async fn rotated_key_still_verifies_old_tokens() {
     verify(&client, &new.token).await;
 }
 
+/// Path, content type, body, expected status and expected error code.
+type MalformedCase = (
+    &'static str,
+    Option<&'static str>,
+    Vec<u8>,
+    StatusCode,
+    &'static str,
+);
+
 #[tokio::test]
 async fn malformed_requests_get_json_errors() {
     let server = Server::start();
     let client = server.client();
     let json = Some("application/json");
-    let cases: Vec<(&str, Option<&str>, Vec<u8>, StatusCode, &str)> = vec![
+    let cases: Vec<MalformedCase> = vec![
         (
             "/v1/enroll",
             json,

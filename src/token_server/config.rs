@@ -217,7 +217,8 @@ mod tests {
     #[test]
     fn unknown_key_has_position() {
         let text = "data_dir = \"d\"\npolicy = \"p\"\nlisten_port = 1\n";
-        let err = Config::parse(Path::new("t.toml"), text).unwrap_err();
+        let err = Config::parse(Path::new("t.toml"), text)
+            .expect_err("the configuration should be rejected");
         assert_eq!((err.line, err.column), (3, 1), "{err}");
         assert!(err.message.contains("listen_port"), "{err}");
     }
@@ -231,7 +232,8 @@ mod tests {
         ];
         for (line, expected) in cases {
             let text = format!("data_dir = \"d\"\npolicy = \"p\"\n{line}");
-            let err = Config::parse(Path::new("t.toml"), &text).unwrap_err();
+            let err = Config::parse(Path::new("t.toml"), &text)
+                .expect_err("the configuration should be rejected");
             assert_eq!(err.line, 3, "{err}");
             assert!(err.message.contains(expected), "{err}");
         }

@@ -12,7 +12,7 @@ use crate::token_server::api::{
     ChallengeRequest, EnrollRequest, SessionRequest, TokenRequest,
 };
 use crate::token_server::config::DEFAULT_TOKEN_SECS;
-use crate::token_server::store::{SigningKeyRecord, SqliteStore, Store as _};
+use crate::token_server::store::{SigningKeyRecord, SqliteStore};
 
 const NOW: u64 = 1_700_000_000;
 
@@ -168,7 +168,7 @@ fn enrollment_code_failures_are_distinct() {
     let err = f
         .service
         .enroll(&request("h8e_unknown", "server-a"), NOW)
-        .unwrap_err();
+        .expect_err("the call should fail");
     assert_eq!(err.code, "code_unknown");
 
     let short = f
@@ -184,7 +184,7 @@ fn enrollment_code_failures_are_distinct() {
     let err = f
         .service
         .enroll(&request(&short.enrollment_code, "server-a"), NOW + 10)
-        .unwrap_err();
+        .expect_err("the call should fail");
     assert_eq!(err.code, "code_expired");
     assert_eq!(err.kind, ErrorKind::Forbidden);
 
@@ -201,7 +201,7 @@ fn enrollment_code_failures_are_distinct() {
     let err = f
         .service
         .enroll(&request(&code.enrollment_code, "server-b"), NOW)
-        .unwrap_err();
+        .expect_err("the call should fail");
     assert_eq!(err.code, "code_name_mismatch");
     f.service
         .enroll(&request(&code.enrollment_code, "server-a"), NOW)
@@ -209,7 +209,7 @@ fn enrollment_code_failures_are_distinct() {
     let err = f
         .service
         .enroll(&request(&code.enrollment_code, "server-a"), NOW + 1)
-        .unwrap_err();
+        .expect_err("the call should fail");
     assert_eq!(err.code, "code_used");
 }
 
@@ -221,7 +221,7 @@ fn unauthorized_server_is_denied_and_audited() {
     let err = f
         .service
         .issue_token(&token_request(&source_id, "inventory", &key, NOW), NOW)
-        .unwrap_err();
+        .expect_err("the call should fail");
     assert_eq!(err.code, "not_authorized");
     assert!(err.message.contains("server-x"), "{}", err.message);
 
@@ -239,12 +239,12 @@ fn bad_signature_and_skew_are_rejected() {
     let err = f
         .service
         .issue_token(&token_request(&source_id, "inventory", &other, NOW), NOW)
-        .unwrap_err();
+        .expect_err("the call should fail");
     assert_eq!(err.code, "signature_invalid");
     let err = f
         .service
         .issue_token(&token_request(&source_id, "inventory", &key, NOW - 61), NOW)
-        .unwrap_err();
+        .expect_err("the call should fail");
     assert_eq!(err.code, "timestamp_skew");
 }
 
@@ -268,7 +268,10 @@ fn challenge_works_once() {
         signature: STANDARD.encode(key.sign(&session_message(&bytes, "server-a")).to_bytes()),
     };
     f.service.open_session(&request, NOW).expect("first use");
-    let err = f.service.open_session(&request, NOW).unwrap_err();
+    let err = f
+        .service
+        .open_session(&request, NOW)
+        .expect_err("the call should fail");
     assert_eq!(err.code, "challenge_unknown");
 }
 
@@ -294,7 +297,7 @@ fn revoked_session_is_denied_and_listed() {
     let err = f
         .service
         .issue_token(&token_request(&source_id, "inventory", &key, NOW), NOW)
-        .unwrap_err();
+        .expect_err("the call should fail");
     assert_eq!(err.code, "session_revoked");
 
     let lists = f.service.revocations(Some(0), NOW).expect("lists");
@@ -326,7 +329,7 @@ fn revoked_server_cannot_open_sessions() {
             },
             NOW,
         )
-        .unwrap_err();
+        .expect_err("the call should fail");
     assert_eq!(err.code, "server_revoked");
     drop(key);
 }
