@@ -36,7 +36,7 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// A client for the API socket at `socket`.
+    /// Creates a client for the API socket at `socket`.
     pub fn new(socket: &Path) -> Self {
         ApiClient {
             socket: socket.to_owned(),

@@ -16,7 +16,7 @@ use crate::local_api::model::{PeerList, Status, TokenInfo};
 /// Buffer size for `h8 connect` in each direction.
 const COPY_BUFFER_LEN: usize = 256 * 1024;
 
-/// Where the daemon's API socket is.
+/// Location of the daemon's API socket.
 #[derive(Debug, Args)]
 pub struct SocketArgs {
     /// Path of h8d's API socket.

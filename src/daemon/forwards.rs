@@ -20,8 +20,8 @@ use super::Daemon;
 use crate::config::{DaemonConfig, ListenAddress};
 use crate::local_api::socket::{bind_unix, BoundSocket};
 
-/// How often the forward list is compared with the config, so that a
-/// reload by SIGHUP is picked up; a reload through the API wakes the
+/// Interval at which the forward list is compared with the config, so that
+/// a reload by SIGHUP is picked up. A reload through the API wakes the
 /// supervisor at once.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -43,7 +43,7 @@ impl std::fmt::Display for ForwardKey {
     }
 }
 
-fn wanted(config: &DaemonConfig) -> Vec<ForwardKey> {
+fn configured_forwards(config: &DaemonConfig) -> Vec<ForwardKey> {
     config
         .forwards
         .iter()
@@ -88,8 +88,8 @@ pub struct ForwardSet {
 }
 
 impl ForwardSet {
-    /// A handle that makes the supervisor compare the forwards with the
-    /// config now instead of at its next poll.
+    /// Returns a handle that makes the supervisor compare the forwards with
+    /// the config now instead of at its next poll.
     pub fn reload_trigger(&self) -> Arc<Notify> {
         self.trigger.clone()
     }
@@ -110,7 +110,7 @@ impl Drop for ForwardSet {
 /// cannot bind fails the start; after a reload such a forward is logged
 /// and skipped until the forward list changes again.
 pub fn start(daemon: &Daemon) -> anyhow::Result<ForwardSet> {
-    let keys = wanted(&daemon.config());
+    let keys = configured_forwards(&daemon.config());
     let mut running = Vec::with_capacity(keys.len());
     for key in &keys {
         running.push(listen(daemon, key.clone())?);
@@ -136,7 +136,7 @@ async fn supervise(
             () = trigger.notified() => {}
             _ = shutdown.wait_for(|down| *down) => return,
         }
-        let keys = wanted(&daemon.config());
+        let keys = configured_forwards(&daemon.config());
         if keys == applied {
             continue;
         }

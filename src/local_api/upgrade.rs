@@ -73,14 +73,14 @@ fn spawn_pipe<G: Send + 'static>(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     guard: G,
-    what: String,
+    stream_name: String,
 ) {
     let on_upgrade = hyper::upgrade::on(request);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(error) => {
-                warn!(stream = %what, %error, "local API client left before the upgrade completed");
+                warn!(stream = %stream_name, %error, "local API client left before the upgrade completed");
                 // Reset, because a dropped send stream would look like a clean end to the peer.
                 let _ = send.reset(LOCAL_ERROR_CODE.into());
                 let _ = recv.stop(LOCAL_ERROR_CODE.into());
@@ -89,9 +89,9 @@ fn spawn_pipe<G: Send + 'static>(
         };
         match daemon.pipe(TokioIo::new(upgraded), send, recv).await {
             Ok(stats) => {
-                debug!(stream = %what, sent = stats.sent, received = stats.received, "stream ended")
+                debug!(stream = %stream_name, sent = stats.sent, received = stats.received, "stream ended")
             }
-            Err(error) => info!(stream = %what, %error, "stream ended with an error"),
+            Err(error) => info!(stream = %stream_name, %error, "stream ended with an error"),
         }
         drop(guard);
     });
@@ -106,12 +106,12 @@ pub(super) async fn connect(
     if !wants_upgrade(request.headers()) {
         return missing_upgrade(request.uri().path()).into_response();
     }
-    let what = format!("service {service:?} on peer {peer:?}");
+    let stream_name = format!("service {service:?} on peer {peer:?}");
     let opened = match daemon.open_stream(&peer, &service).await {
         Ok(opened) => opened,
         Err(error) => {
             info!(peer = %peer, service = %service, %error, "stream open through the local API failed");
-            return ApiError::from_open(&error, &what).into_response();
+            return ApiError::from_open(&error, &stream_name).into_response();
         }
     };
     debug!(peer = %peer, service = %service, "stream opened through the local API");
@@ -125,7 +125,7 @@ pub(super) async fn connect(
         opened.send,
         opened.recv,
         opened.guard,
-        what,
+        stream_name,
     );
     response
 }
@@ -159,13 +159,13 @@ pub(super) async fn accept(
         )
         .into_response();
     }
-    let what = format!("accepted stream of service {service:?}");
+    let stream_name = format!("accepted stream of service {service:?}");
     let incoming = match daemon
         .accept_stream(&service, Duration::from_secs(timeout_secs))
         .await
     {
         Ok(incoming) => incoming,
-        Err(error) => return ApiError::from_open(&error, &what).into_response(),
+        Err(error) => return ApiError::from_open(&error, &stream_name).into_response(),
     };
     let caller = incoming.caller.clone();
     debug!(peer = %caller.name, service = %service, "stream accepted through the local API");
@@ -183,14 +183,14 @@ pub(super) async fn accept(
             Err(_) => warn!(header = name, value = %value, "identity is not a valid header value; omitted"),
         }
     }
-    let what = format!("stream of service {service:?} from peer {:?}", caller.name);
+    let stream_name = format!("stream of service {service:?} from peer {:?}", caller.name);
     spawn_pipe(
         daemon,
         &mut request,
         incoming.send,
         incoming.recv,
         incoming.guard,
-        what,
+        stream_name,
     );
     response
 }
