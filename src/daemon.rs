@@ -88,6 +88,17 @@ impl SessionState {
             SessionState::Down(_) => "down",
         }
     }
+
+    /// Text of the systemd `STATUS=` notification; says "degraded" while
+    /// the token server is unreachable.
+    pub fn status_text(&self) -> String {
+        match self {
+            SessionState::Active => "ready".to_owned(),
+            SessionState::Degraded(reason) => format!("ready, degraded: {reason}"),
+            SessionState::Starting => "ready, waiting for a token".to_owned(),
+            SessionState::Down(reason) => format!("ready, down: {reason}"),
+        }
+    }
 }
 
 /// Counters exported as Prometheus metrics.
@@ -153,6 +164,8 @@ pub struct Shared {
     pub started: Instant,
     /// True once shutdown began: no new streams.
     pub shutting_down: watch::Sender<bool>,
+    /// Decision cache and warning limiter of the side-car external authorizer.
+    pub(crate) authorizer: external_authorizer::AuthorizerState,
     next_connection_id: AtomicU64,
 }
 
@@ -194,6 +207,7 @@ impl Daemon {
             metrics: Metrics::default(),
             started: Instant::now(),
             shutting_down: watch::channel(false).0,
+            authorizer: external_authorizer::AuthorizerState::default(),
             next_connection_id: AtomicU64::new(1),
         });
         let daemon = Daemon { shared };
@@ -239,6 +253,7 @@ impl Daemon {
                 }
                 _ => tracing::info!(state = state.as_str(), "session state changed"),
             }
+            crate::systemd::status(&state.status_text());
             *current = state;
         }
     }

@@ -15,6 +15,7 @@ pub mod local_api;
 pub mod policy;
 pub mod proxy_v2;
 pub mod source;
+pub mod systemd;
 pub mod telemetry;
 pub mod token;
 pub mod token_server;

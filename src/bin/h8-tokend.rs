@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
+use h8::telemetry::{self, LogFormat};
 use h8::token_server::config::{
     Config, Lifetimes, DEFAULT_ADMIN_SOCKET, DEFAULT_ISSUER, DEFAULT_LISTEN,
 };
@@ -21,6 +21,10 @@ use h8::token_server::run::{load_policy, run};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: `auto` is human-readable on a terminal and without
+    /// timestamps under the systemd journal; `json` is one object per line.
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,13 +77,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    telemetry::init(cli.log_format, "info");
     match cli.command {
         Command::Init { data_dir, issuer } => init(data_dir, &issuer),
         Command::Run(args) => run_server(args),

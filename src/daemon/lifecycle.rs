@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
-use super::{sidecar, Daemon, SessionState};
+use super::{sidecar, Daemon};
 use crate::config::{DaemonConfig, ModeConfig};
 use crate::identity::IdentityKey;
 
@@ -73,17 +73,22 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
     }
 
+    // READY=1 only after the QUIC endpoint, the local API socket and the
+    // forward listeners are bound and the session state is known.
     let api = crate::local_api::start(daemon.clone()).await?;
-    notify_ready(&daemon);
+    crate::systemd::ready(&daemon.session_state().status_text());
 
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             _ = hangup.recv() => {
+                info!("SIGHUP received, reloading the configuration");
+                crate::systemd::reloading();
                 if let Err(e) = reload(&daemon).await {
-                    warn!(error = %e, "reload failed; keeping the running configuration");
+                    warn!(error = %format!("{e:#}"), "reload failed; keeping the running configuration");
                 }
+                crate::systemd::reloaded(&daemon.session_state().status_text());
             }
         }
     }
@@ -92,7 +97,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         grace_secs = grace.as_secs(),
         "shutting down: no new streams, waiting for open streams"
     );
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    crate::systemd::stopping("stopping: waiting for open streams");
     daemon.begin_shutdown();
     drop(api);
     let deadline = tokio::time::Instant::now() + grace;
@@ -152,38 +157,4 @@ pub async fn reload(daemon: &Daemon) -> anyhow::Result<()> {
         "configuration reloaded"
     );
     Ok(())
-}
-
-fn notify_ready(daemon: &Daemon) {
-    let state = daemon.session_state();
-    let status = match &state {
-        SessionState::Active => "ready".to_owned(),
-        SessionState::Degraded(reason) => format!("ready, degraded: {reason}"),
-        SessionState::Starting => "ready, waiting for a token".to_owned(),
-        SessionState::Down(reason) => format!("ready, down: {reason}"),
-    };
-    let _ = sd_notify::notify(
-        false,
-        &[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(&status),
-        ],
-    );
-    if let Some(interval) = watchdog_interval() {
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-            }
-        });
-    }
-}
-
-fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0;
-    if sd_notify::watchdog_enabled(false, &mut usec) {
-        Some(Duration::from_micros(usec / 2))
-    } else {
-        None
-    }
 }

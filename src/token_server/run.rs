@@ -202,18 +202,23 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
         )?;
     }
 
+    // The handlers are installed before READY=1, because systemd may send
+    // SIGHUP as soon as it sees READY, and SIGHUP's default action ends the process.
     let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut terminate =
         signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut interrupt =
         signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    crate::systemd::ready(&format!("serving on {listen}"));
     loop {
         tokio::select! {
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP received, reloading the policy");
+                crate::systemd::reloading();
                 let reload = Arc::clone(&reload);
                 // Failures are logged inside `reload_policy`.
                 let _ = http::blocking(move |_| reload()).await;
+                crate::systemd::reloaded(&format!("serving on {listen}"));
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -221,6 +226,7 @@ pub async fn run(config: Config, ready_file: Option<PathBuf>) -> anyhow::Result<
     }
 
     tracing::info!("h8-tokend stopping");
+    crate::systemd::stopping("stopping");
     let _ = stop.send(true);
     purge.abort();
     let _ = public.await;
