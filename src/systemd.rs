@@ -69,7 +69,10 @@ fn spawn_watchdog() {
     let Some(interval) = watchdog_interval() else {
         return;
     };
-    tracing::debug!(interval_ms = interval.as_millis() as u64, "sending watchdog pings");
+    tracing::debug!(
+        interval_ms = interval.as_millis() as u64,
+        "sending watchdog pings"
+    );
     tokio::spawn(async move {
         loop {
             send(&[NotifyState::Watchdog]);

@@ -52,8 +52,12 @@ fn service_exposure_at_most_limit() {
             .output()
             .expect("run systemd-analyze security");
         let report = String::from_utf8_lossy(&output.stdout);
-        let level = exposure(&report)
-            .unwrap_or_else(|| panic!("no exposure level for {unit} in:\n{report}\n{}", String::from_utf8_lossy(&output.stderr)));
+        let level = exposure(&report).unwrap_or_else(|| {
+            panic!(
+                "no exposure level for {unit} in:\n{report}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
         eprintln!("{unit}: exposure {level}");
         assert!(
             level <= MAX_EXPOSURE,
@@ -86,18 +90,33 @@ fn units_pass_systemd_verify() {
         .output()
         .expect("run systemd-analyze verify");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "systemd-analyze verify failed:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
     // Unknown keys are only warnings for verify; treat them as errors here.
-    assert!(!stderr.contains("Unknown key"), "unknown key in a unit:\n{stderr}");
-    assert!(!stderr.contains("Unknown section"), "unknown section in a unit:\n{stderr}");
+    assert!(
+        !stderr.contains("Unknown key"),
+        "unknown key in a unit:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("Unknown section"),
+        "unknown section in a unit:\n{stderr}"
+    );
 }
 
 #[test]
 fn socket_unit_path_matches_default() {
     let socket = std::fs::read_to_string(configs().join("h8d.socket")).expect("read h8d.socket");
     let listen = format!("ListenStream={}", h8::config::DEFAULT_API_SOCKET);
-    assert!(socket.contains(&listen), "h8d.socket does not contain {listen}");
-    assert!(socket.contains("SocketMode=0660"), "h8d.socket must create the socket with mode 0660");
+    assert!(
+        socket.contains(&listen),
+        "h8d.socket does not contain {listen}"
+    );
+    assert!(
+        socket.contains("SocketMode=0660"),
+        "h8d.socket must create the socket with mode 0660"
+    );
 }
 
 #[test]
