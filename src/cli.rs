@@ -3,3 +3,4 @@
 pub mod admin;
 pub mod api_client;
 pub mod daemon;
+pub mod demo;

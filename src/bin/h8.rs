@@ -30,8 +30,10 @@ enum Command {
     Connect(ConnectArgs),
     /// Show the decoded claims of the local daemon's token (never the token itself).
     Token(ShowArgs),
-    /// Run a local demonstration.
-    Demo,
+    /// Run a token server and two daemons on 127.0.0.1 in a temporary
+    /// directory, send traffic between them, and keep them running until
+    /// Ctrl-C (or exit after one run with --once).
+    Demo(h8::cli::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,10 +44,7 @@ fn main() -> ExitCode {
         Command::Peers(args) => run(h8::cli::daemon::peers(args)),
         Command::Connect(args) => run(h8::cli::daemon::connect(args)),
         Command::Token(args) => run(h8::cli::daemon::token(args)),
-        Command::Demo => {
-            eprintln!("h8 demo: not implemented yet");
-            ExitCode::FAILURE
-        }
+        Command::Demo(args) => run(h8::cli::demo::run(args)),
     }
 }
 
