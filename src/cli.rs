@@ -4,3 +4,5 @@ pub mod admin;
 pub mod api_client;
 pub mod daemon;
 pub mod demo;
+pub mod keygen;
+pub mod policy;

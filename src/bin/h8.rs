@@ -34,6 +34,11 @@ enum Command {
     /// directory, send traffic between them, and keep them running until
     /// Ctrl-C (or exit after one run with --once).
     Demo(h8::cli::demo::DemoArgs),
+    /// Create a daemon identity key (mode 0600) and print its public key
+    /// for pinning, or print the public key of an existing key file.
+    Keygen(h8::cli::keygen::KeygenArgs),
+    /// Validate a side-car local policy file or explain its decisions.
+    Policy(h8::cli::policy::PolicyArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +49,8 @@ fn main() -> ExitCode {
         Command::Peers(args) => run(h8::cli::daemon::peers(args)),
         Command::Connect(args) => run(h8::cli::daemon::connect(args)),
         Command::Token(args) => run(h8::cli::daemon::token(args)),
+        Command::Keygen(args) => h8::cli::keygen::run(args),
+        Command::Policy(args) => h8::cli::policy::run(args),
         Command::Demo(args) => run(h8::cli::demo::run(args)),
     }
 }

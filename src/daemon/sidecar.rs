@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
@@ -35,8 +35,17 @@ fn pinned_keys(config: &DaemonConfig) -> HashMap<String, ed25519_dalek::Verifyin
         .collect()
 }
 
-/// Signs a fresh machine token and installs it with the current policy.
+/// Signs a fresh machine token and installs it with `rules`, at start and on
+/// reload. Cached decisions of the external authorizer are dropped too, so
+/// the next stream sees the reloaded configuration.
 pub fn install(daemon: &Daemon, rules: RuleSet) {
+    daemon.shared.authorizer.clear_cache();
+    renew(daemon, rules);
+}
+
+/// Signs a fresh machine token and installs it with `rules`; closes the
+/// connections of peers whose key is no longer pinned.
+fn renew(daemon: &Daemon, rules: RuleSet) {
     let config = daemon.config();
     let ModeConfig::Sidecar(sidecar) = &config.mode else {
         return;
@@ -57,18 +66,40 @@ pub fn install(daemon: &Daemon, rules: RuleSet) {
     daemon.set_session_state(SessionState::Active);
 }
 
-/// Rotates the machine token at two thirds of its lifetime, so the old
-/// token stays valid for the last third while peers receive the new one.
+/// Time from `now` (since the Unix epoch) until a token that expires at
+/// `expires_at` (Unix seconds) and lives `lifetime_secs` must be replaced:
+/// when a third of its lifetime is left. Counting from the expiry, not from
+/// the signing, keeps that third whole although `issued_at` is rounded down
+/// to the second.
+pub fn rotation_delay(expires_at: u64, lifetime_secs: u64, now: Duration) -> Duration {
+    let rotate_at_ms = expires_at
+        .saturating_mul(1000)
+        .saturating_sub(lifetime_secs.saturating_mul(1000) / 3);
+    let now_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rotate_at_ms.saturating_sub(now_ms))
+}
+
+/// Rotates the machine token when a third of its lifetime is left, so the
+/// old token stays valid while peers receive the new one.
 pub async fn rotate(daemon: Daemon) {
     loop {
         let config = daemon.config();
         let ModeConfig::Sidecar(sidecar) = &config.mode else {
             return;
         };
-        let period = Duration::from_millis(sidecar.machine_token_lifetime_secs * 1000 * 2 / 3);
+        let lifetime = sidecar.machine_token_lifetime_secs;
+        let delay = match daemon.shared.credentials.current() {
+            Some(current) => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                rotation_delay(current.claims.expires_at, lifetime, now)
+            }
+            None => Duration::from_millis(lifetime * 1000 * 2 / 3),
+        };
         let mut shutdown = daemon.shared.shutting_down.subscribe();
         tokio::select! {
-            () = tokio::time::sleep(period) => {}
+            () = tokio::time::sleep(delay) => {}
             _ = shutdown.wait_for(|down| *down) => return,
         }
         let Some(current) = daemon.shared.credentials.current() else {
@@ -81,11 +112,41 @@ pub async fn rotate(daemon: Daemon) {
                 return;
             }
         };
-        install(&daemon, rules);
-        info!(
-            lifetime_secs = sidecar.machine_token_lifetime_secs,
-            "machine token rotated"
-        );
+        // A reload may have signed a newer token while this task slept.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        if !rotation_delay(current.claims.expires_at, lifetime, now).is_zero() {
+            continue;
+        }
+        renew(&daemon, rules);
+        info!(lifetime_secs = lifetime, "machine token rotated");
         daemon.push_token_update().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_leaves_a_third_of_the_lifetime() {
+        // Signed at 1000.9 s: issued_at 1000, expires_at 1003.
+        let delay = rotation_delay(1003, 3, Duration::from_millis(1_000_900));
+        assert_eq!(delay, Duration::from_millis(1_100));
+        let delay = rotation_delay(1900, 900, Duration::from_secs(1000));
+        assert_eq!(delay, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn rotation_is_due_once_the_time_has_passed() {
+        assert_eq!(
+            rotation_delay(1003, 3, Duration::from_secs(1002)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            rotation_delay(1003, 3, Duration::from_secs(5000)),
+            Duration::ZERO
+        );
     }
 }
