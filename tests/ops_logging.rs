@@ -66,7 +66,7 @@ fn h8d_journal_format_has_no_timestamps() {
     let log = h8d_log(root.path(), &[], &[("JOURNAL_STREAM", "8:12345")]);
     assert!(log.contains("h8d started"), "{log}");
     for line in log.lines().filter(|line| !line.is_empty()) {
-        let first = line.trim_start().split_whitespace().next().unwrap_or_default();
+        let first = line.split_whitespace().next().unwrap_or_default();
         assert!(
             ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&first),
             "journal line does not start with its level: {line}"
