@@ -148,16 +148,32 @@ mod tests {
     fn token_scope_decides() {
         let c = claims();
         let none = RevocationSet::default();
-        assert_eq!(authorize_stream(&StreamAuthority::TokenScope, &request(&c, "orders", 150), &none), Ok(None));
-        let err = authorize_stream(&StreamAuthority::TokenScope, &request(&c, "admin", 150), &none).unwrap_err();
+        assert_eq!(
+            authorize_stream(
+                &StreamAuthority::TokenScope,
+                &request(&c, "orders", 150),
+                &none
+            ),
+            Ok(None)
+        );
+        let err = authorize_stream(
+            &StreamAuthority::TokenScope,
+            &request(&c, "admin", 150),
+            &none,
+        )
+        .unwrap_err();
         assert_eq!(err.code, RejectCode::OutOfScope);
     }
 
     #[test]
     fn expired_token_is_rejected_per_stream() {
         let c = claims();
-        let err = authorize_stream(&StreamAuthority::TokenScope, &request(&c, "orders", 200), &RevocationSet::default())
-            .unwrap_err();
+        let err = authorize_stream(
+            &StreamAuthority::TokenScope,
+            &request(&c, "orders", 200),
+            &RevocationSet::default(),
+        )
+        .unwrap_err();
         assert_eq!(err.code, RejectCode::Expired);
     }
 
@@ -166,7 +182,12 @@ mod tests {
         let c = claims();
         let mut revoked = RevocationSet::default();
         revoked.sources.insert("src_a".to_owned());
-        let err = authorize_stream(&StreamAuthority::TokenScope, &request(&c, "orders", 150), &revoked).unwrap_err();
+        let err = authorize_stream(
+            &StreamAuthority::TokenScope,
+            &request(&c, "orders", 150),
+            &revoked,
+        )
+        .unwrap_err();
         assert_eq!(err.code, RejectCode::Revoked);
         assert!(err.reason.contains("src_a"));
     }
@@ -182,7 +203,10 @@ mod tests {
         }]);
         let authority = StreamAuthority::LocalPolicy(Arc::new(rules));
         let none = RevocationSet::default();
-        assert_eq!(authorize_stream(&authority, &request(&c, "metrics", 150), &none), Ok(Some(0)));
+        assert_eq!(
+            authorize_stream(&authority, &request(&c, "metrics", 150), &none),
+            Ok(Some(0))
+        );
         let err = authorize_stream(&authority, &request(&c, "orders", 150), &none).unwrap_err();
         assert_eq!(err.code, RejectCode::PolicyDenied);
     }

@@ -241,13 +241,15 @@ fn confirmation_keys(
 
 fn mac(key: &[u8; 32], data: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    let mut mac =
+        <HmacSha256 as hmac::Mac>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
 
 fn check_mac(key: &[u8; 32], data: &[u8], tag: &[u8; 32]) -> Result<(), Reject> {
-    let mut mac = <HmacSha256 as hmac::Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    let mut mac =
+        <HmacSha256 as hmac::Mac>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(data);
     mac.verify_slice(tag)
         .map_err(|_| Reject::new(RejectCode::BadProof, "key confirmation failed"))
@@ -259,7 +261,12 @@ fn sign(key: &SigningKey, context: &[u8], hash: &[u8; 32]) -> Vec<u8> {
     key.sign(&message).to_bytes().to_vec()
 }
 
-fn check_signature(key: &[u8; 32], context: &[u8], hash: &[u8; 32], signature: &[u8]) -> Result<(), Reject> {
+fn check_signature(
+    key: &[u8; 32],
+    context: &[u8],
+    hash: &[u8; 32],
+    signature: &[u8],
+) -> Result<(), Reject> {
     let bad = || Reject::new(RejectCode::BadProof, "transcript signature is invalid");
     let key = VerifyingKey::from_bytes(key).map_err(|_| bad())?;
     let signature = Signature::from_slice(signature).map_err(|_| bad())?;
@@ -338,7 +345,11 @@ impl Initiator {
 
     /// Handles the server's hello at `now`: verifies the server and returns
     /// the ClientFinish frame to send.
-    pub fn handle_server_hello(self, body: &[u8], now: u64) -> Result<(InitiatorAwaitingDone, Vec<u8>), Reject> {
+    pub fn handle_server_hello(
+        self,
+        body: &[u8],
+        now: u64,
+    ) -> Result<(InitiatorAwaitingDone, Vec<u8>), Reject> {
         // 1. Decode; a Reject from the server ends the handshake here.
         let HandshakeFrame::ServerHello(server) = decode_frame(body)? else {
             return Err(malformed("expected ServerHello"));
@@ -348,7 +359,10 @@ impl Initiator {
         if !self.hello.versions.contains(&server.core.version) {
             return Err(Reject::new(
                 RejectCode::VersionMismatch,
-                format!("server chose version {} which was not offered", server.core.version),
+                format!(
+                    "server chose version {} which was not offered",
+                    server.core.version
+                ),
             ));
         }
         check_mode(self.trust.mode(), server.core.mode)?;
@@ -368,8 +382,18 @@ impl Initiator {
 
         // 4. Proof of possession and key confirmation over the transcript.
         let hello_hash = transcript_hello(&self.context.exporter, &self.hello, &server.core);
-        check_signature(&claims.server_key, SERVER_SIGNATURE_CONTEXT, &hello_hash, &server.signature)?;
-        let keys = confirmation_keys(&self.context.exporter, &self.secret, &server.core.ephemeral, &hello_hash)?;
+        check_signature(
+            &claims.server_key,
+            SERVER_SIGNATURE_CONTEXT,
+            &hello_hash,
+            &server.signature,
+        )?;
+        let keys = confirmation_keys(
+            &self.context.exporter,
+            &self.secret,
+            &server.core.ephemeral,
+            &hello_hash,
+        )?;
         check_mac(&keys.server, &hello_hash, &server.confirm)?;
 
         // 5. This side's proof.
@@ -413,7 +437,12 @@ pub struct Responder {
 
 impl Responder {
     /// Prepares to accept a handshake. `ephemeral_seed` must be fresh random bytes.
-    pub fn new(local: LocalIdentity, trust: Trust, context: ConnectionContext, ephemeral_seed: [u8; 32]) -> Self {
+    pub fn new(
+        local: LocalIdentity,
+        trust: Trust,
+        context: ConnectionContext,
+        ephemeral_seed: [u8; 32],
+    ) -> Self {
         Responder {
             local,
             trust,
@@ -424,7 +453,11 @@ impl Responder {
 
     /// Handles the client's hello at `now`: verifies the client's token and
     /// returns the ServerHello frame to send.
-    pub fn handle_client_hello(self, body: &[u8], now: u64) -> Result<(ResponderAwaitingFinish, Vec<u8>), Reject> {
+    pub fn handle_client_hello(
+        self,
+        body: &[u8],
+        now: u64,
+    ) -> Result<(ResponderAwaitingFinish, Vec<u8>), Reject> {
         // 1. Decode.
         let HandshakeFrame::ClientHello(hello) = decode_frame(body)? else {
             return Err(malformed("expected ClientHello"));
@@ -458,7 +491,12 @@ impl Responder {
             ephemeral: X25519Public::from(&self.secret).to_bytes(),
         };
         let hello_hash = transcript_hello(&self.context.exporter, &hello, &core);
-        let keys = confirmation_keys(&self.context.exporter, &self.secret, &hello.ephemeral, &hello_hash)?;
+        let keys = confirmation_keys(
+            &self.context.exporter,
+            &self.secret,
+            &hello.ephemeral,
+            &hello_hash,
+        )?;
         let server = ServerHello {
             core,
             signature: sign(&self.local.key, SERVER_SIGNATURE_CONTEXT, &hello_hash),
@@ -469,7 +507,10 @@ impl Responder {
         let state = ResponderAwaitingFinish {
             finish_hash,
             client_confirm_key: keys.client,
-            established: Established { version, peer: claims },
+            established: Established {
+                version,
+                peer: claims,
+            },
         };
         Ok((state, frame))
     }

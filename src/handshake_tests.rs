@@ -61,7 +61,10 @@ fn trust() -> Trust {
 fn body(frame: &[u8]) -> Vec<u8> {
     let mut decoder = FrameDecoder::default();
     decoder.push(frame);
-    decoder.next_body().expect("valid frame").expect("complete frame")
+    decoder
+        .next_body()
+        .expect("valid frame")
+        .expect("complete frame")
 }
 
 fn context(exporter: u8, peer: &Party) -> ConnectionContext {
@@ -87,11 +90,18 @@ fn run(
         server.local.name.clone(),
         [1; 32],
     );
-    let responder = Responder::new(server.local.clone(), server_trust, context(server_exporter, client), [2; 32]);
+    let responder = Responder::new(
+        server.local.clone(),
+        server_trust,
+        context(server_exporter, client),
+        [2; 32],
+    );
     let (responder, server_hello) = match responder.handle_client_hello(&body(&hello), NOW) {
         Ok(ok) => ok,
         Err(reject) => {
-            let client = initiator.handle_server_hello(&body(&reject_frame(&reject)), NOW).map(|_| unreachable_established());
+            let client = initiator
+                .handle_server_hello(&body(&reject_frame(&reject)), NOW)
+                .map(|_| unreachable_established());
             return (client, Err(reject));
         }
     };
@@ -181,10 +191,21 @@ fn token_from_other_token_server_is_rejected() {
 fn wrong_peer_is_rejected_by_client() {
     let a = party(1, "server-a");
     let b = party(2, "server-b");
-    let (initiator, hello) = Initiator::start(a.local.clone(), trust(), context(9, &b), "server-c", [1; 32]);
+    let (initiator, hello) = Initiator::start(
+        a.local.clone(),
+        trust(),
+        context(9, &b),
+        "server-c",
+        [1; 32],
+    );
     let responder = Responder::new(b.local.clone(), trust(), context(9, &a), [2; 32]);
-    let (_, server_hello) = responder.handle_client_hello(&body(&hello), NOW).expect("server accepts");
-    let err = initiator.handle_server_hello(&body(&server_hello), NOW).err().expect("client rejects");
+    let (_, server_hello) = responder
+        .handle_client_hello(&body(&hello), NOW)
+        .expect("server accepts");
+    let err = initiator
+        .handle_server_hello(&body(&server_hello), NOW)
+        .err()
+        .expect("client rejects");
     assert_eq!(err.code, RejectCode::WrongPeer);
 }
 
@@ -199,7 +220,11 @@ fn mode_mismatch_names_both_modes() {
     let (_, server) = run(&a, trust(), &b, sidecar, 9, 9);
     let reject = server.unwrap_err();
     assert_eq!(reject.code, RejectCode::ModeMismatch);
-    assert!(reject.reason.contains("token-server mode"), "{}", reject.reason);
+    assert!(
+        reject.reason.contains("token-server mode"),
+        "{}",
+        reject.reason
+    );
     assert!(reject.reason.contains("side-car mode"), "{}", reject.reason);
 }
 

@@ -23,12 +23,14 @@ to = "server-a"
 services = ["echo"]
 "#;
 
+// Fields drop in order: the processes go first, so their logs can still be
+// printed from the temporary directory when a test fails.
 struct Cluster {
-    _root: tempfile::TempDir,
     server: TokenServer,
     a: Daemon,
     b: Daemon,
     c: Daemon,
+    _root: tempfile::TempDir,
 }
 
 fn echo_service(port: u16) -> String {
@@ -59,11 +61,11 @@ fn cluster(tokend_extra: &str, daemon_extra: &str) -> Cluster {
     let b = daemons.pop().expect("b");
     let a = daemons.pop().expect("a");
     Cluster {
-        _root: root,
         server,
         a,
         b,
         c,
+        _root: root,
     }
 }
 
@@ -119,13 +121,18 @@ fn each_refusal_has_its_own_reason() {
 fn revoked_session_is_refused_and_disconnected() {
     let cluster = cluster("", "");
     assert_echo(&cluster.a, "server-b");
-    let source_id = cluster.a.status()["source_id"].as_str().expect("source id").to_owned();
+    let source_id = cluster.a.status()["source_id"]
+        .as_str()
+        .expect("source id")
+        .to_owned();
 
     cluster.server.admin(&["revoke", "--session", &source_id]);
 
-    wait_for("server-b to refuse the revoked session", Duration::from_secs(10), || {
-        matches!(cluster.a.connect("server-b", "echo"), Err((403, body)) if body.contains("revoked"))
-    });
+    wait_for(
+        "server-b to refuse the revoked session",
+        Duration::from_secs(10),
+        || matches!(cluster.a.connect("server-b", "echo"), Err((403, body)) if body.contains("revoked")),
+    );
     // Other sessions are unaffected.
     assert_echo(&cluster.b, "server-a");
 }
@@ -149,12 +156,16 @@ fn killed_peer_is_reconnected_after_restart() {
     assert_echo(&cluster.a, "server-b");
     cluster.b.process.kill();
     cluster.b.restart();
-    wait_for("a new stream to server-b after its restart", Duration::from_secs(20), || {
-        cluster
-            .a
-            .connect("server-b", "echo")
-            .is_ok_and(|stream| round_trip(stream, b"again") == b"again")
-    });
+    wait_for(
+        "a new stream to server-b after its restart",
+        Duration::from_secs(20),
+        || {
+            cluster
+                .a
+                .connect("server-b", "echo")
+                .is_ok_and(|stream| round_trip(stream, b"again") == b"again")
+        },
+    );
 }
 
 #[test]
@@ -180,23 +191,37 @@ fn daemon_of_other_token_server_is_refused() {
     let stranger = Daemon::start(root.path(), &spec, Some(other.enrollment_code("server-c")));
     let (status, body) = refusal(&stranger, "server-b", "echo");
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains("unknown_signing_key") || body.contains("unknown key"), "{body}");
+    assert!(
+        body.contains("unknown_signing_key") || body.contains("unknown key"),
+        "{body}"
+    );
     assert_echo(&cluster.a, "server-b");
 }
 
 /// Dials `daemon` over real QUIC with `key` as the TLS identity and runs the
 /// client side of the h8 handshake with `token`; returns the server's verdict.
-fn handshake_with(daemon: &Daemon, key: h8::identity::IdentityKey, token: Vec<u8>, keys: h8::token::KeySet) -> Result<(), h8::wire::Reject> {
+fn handshake_with(
+    daemon: &Daemon,
+    key: h8::identity::IdentityKey,
+    token: Vec<u8>,
+    keys: h8::token::KeySet,
+) -> Result<(), h8::wire::Reject> {
     use h8::handshake::{ConnectionContext, Initiator, LocalIdentity, Trust, EXPORTER_LABEL};
     use h8::wire::{FrameDecoder, RejectCode};
 
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async move {
         let (client_crypto, _) = h8::daemon::tls::quic_crypto(&key, "impostor").expect("crypto");
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("endpoint");
+        let mut endpoint =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("endpoint");
         endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(client_crypto)));
         let connection = endpoint
-            .connect(format!("127.0.0.1:{}", daemon.port).parse().expect("address"), "h8")
+            .connect(
+                format!("127.0.0.1:{}", daemon.port)
+                    .parse()
+                    .expect("address"),
+                "h8",
+            )
             .expect("connect")
             .await
             .expect("QUIC connection");
@@ -217,7 +242,8 @@ fn handshake_with(daemon: &Daemon, key: h8::identity::IdentityKey, token: Vec<u8
             keys,
             validation: h8::token::Validation::client("h8-tokend"),
         };
-        let (initiator, hello) = Initiator::start(local, trust, context, daemon.name.clone(), [7; 32]);
+        let (initiator, hello) =
+            Initiator::start(local, trust, context, daemon.name.clone(), [7; 32]);
         let (mut send, mut recv) = connection.open_bi().await.expect("stream");
         send.write_all(&hello).await.expect("send hello");
         let mut decoder = FrameDecoder::default();
@@ -228,14 +254,17 @@ fn handshake_with(daemon: &Daemon, key: h8::identity::IdentityKey, token: Vec<u8
                 _ => return Err(h8::wire::Reject::new(RejectCode::Internal, "stream ended")),
             }
             if let Some(body) = decoder.next_body().expect("frame") {
-                return initiator.handle_server_hello(&body, h8::daemon::unix_now()).map(|_| ());
+                return initiator
+                    .handle_server_hello(&body, h8::daemon::unix_now())
+                    .map(|_| ());
             }
         }
     })
 }
 
 fn saved_token(daemon: &Daemon) -> (Vec<u8>, h8::token::KeySet) {
-    let saved = h8::daemon::session::SavedSession::load(&daemon.dir.join("state")).expect("saved session");
+    let saved =
+        h8::daemon::session::SavedSession::load(&daemon.dir.join("state")).expect("saved session");
     let token = h8::token::from_text(saved.token.as_deref().expect("token")).expect("token text");
     let keys = h8::token::KeySet::new(
         saved
@@ -250,7 +279,13 @@ fn saved_token(daemon: &Daemon) -> (Vec<u8>, h8::token::KeySet) {
 fn copied_token_is_refused() {
     let cluster = cluster("", "");
     let (token, keys) = saved_token(&cluster.a);
-    let reject = handshake_with(&cluster.b, h8::identity::IdentityKey::generate(), token, keys).unwrap_err();
+    let reject = handshake_with(
+        &cluster.b,
+        h8::identity::IdentityKey::generate(),
+        token,
+        keys,
+    )
+    .unwrap_err();
     assert_eq!(reject.code, h8::wire::RejectCode::KeyMismatch, "{reject}");
     assert_echo(&cluster.a, "server-b");
 }
@@ -261,11 +296,58 @@ fn tampered_token_is_refused() {
     let (mut token, keys) = saved_token(&cluster.a);
     let last = token.len() - 70;
     token[last] ^= 0x01;
-    let key = h8::identity::IdentityKey::load(&cluster.a.dir.join("state/identity.pem")).expect("key of server-a");
+    let key = h8::identity::IdentityKey::load(&cluster.a.dir.join("state/identity.pem"))
+        .expect("key of server-a");
     let reject = handshake_with(&cluster.b, key, token, keys).unwrap_err();
     assert!(
         matches!(reject.code, h8::wire::RejectCode::InvalidToken),
         "{reject}"
     );
     assert_echo(&cluster.a, "server-b");
+}
+
+fn quic_connections(daemon: &Daemon) -> f64 {
+    let (status, body) = api(&daemon.socket, "GET", "/metrics", "").expect("metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|line| line.strip_prefix("h8_quic_connections "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no h8_quic_connections in {body}"))
+}
+
+#[test]
+fn simultaneous_connects_end_with_one_connection() {
+    let cluster = cluster("", "");
+    // Both daemons open streams to each other at the same moment, several
+    // times over, before either has a connection.
+    let (a, b) = (&cluster.a, &cluster.b);
+    std::thread::scope(|scope| {
+        let mut workers = Vec::new();
+        for i in 0..8 {
+            let (from, to) = if i % 2 == 0 {
+                (a, "server-b")
+            } else {
+                (b, "server-a")
+            };
+            workers.push(scope.spawn(move || {
+                let stream = from
+                    .connect(to, "echo")
+                    .unwrap_or_else(|(s, m)| panic!("{s} {m}"));
+                assert_eq!(round_trip(stream, b"race"), b"race");
+            }));
+        }
+        for worker in workers {
+            worker.join().expect("worker");
+        }
+    });
+    // The losing connection is closed; give its close a moment to finish.
+    wait_for(
+        "one QUIC connection on each side",
+        Duration::from_secs(10),
+        || quic_connections(a) == 1.0 && quic_connections(b) == 1.0,
+    );
+    assert_echo(a, "server-b");
+    assert_echo(b, "server-a");
+    assert_eq!(quic_connections(a), 1.0);
+    assert_eq!(quic_connections(b), 1.0);
 }

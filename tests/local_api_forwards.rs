@@ -31,7 +31,14 @@ async fn curl_through_unix_forward() {
 
     let port = free_tcp_port();
     let server = std::process::Command::new("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
         .arg(&site)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -77,7 +84,11 @@ async fn curl_through_unix_forward() {
     let Some(output) = output else {
         return;
     };
-    assert!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(std::fs::read(&output_path).expect("downloaded"), file);
 }
 
@@ -89,10 +100,16 @@ async fn proxy_v2_header_is_exact() {
     tokio::spawn(async move {
         let (mut stream, from) = backend.accept().await.expect("accept");
         let mut fixed = [0u8; 16];
-        stream.read_exact(&mut fixed).await.expect("read fixed part");
+        stream
+            .read_exact(&mut fixed)
+            .await
+            .expect("read fixed part");
         let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
         let mut rest = vec![0u8; len];
-        stream.read_exact(&mut rest).await.expect("read addresses and TLVs");
+        stream
+            .read_exact(&mut rest)
+            .await
+            .expect("read addresses and TLVs");
         let mut header = fixed.to_vec();
         header.extend_from_slice(&rest);
         headers.send((header, from)).await.expect("report");
@@ -120,11 +137,7 @@ async fn proxy_v2_header_is_exact() {
     let mut body = vec![127, 0, 0, 1, 127, 0, 0, 1];
     body.extend_from_slice(&a.port.to_be_bytes());
     body.extend_from_slice(&daemon_side.port().to_be_bytes());
-    for (kind, value) in [
-        (0xE0u8, "server-a"),
-        (0xE1, ""),
-        (0xE2, "machine:server-a"),
-    ] {
+    for (kind, value) in [(0xE0u8, "server-a"), (0xE1, ""), (0xE2, "machine:server-a")] {
         body.push(kind);
         body.extend_from_slice(&(value.len() as u16).to_be_bytes());
         body.extend_from_slice(value.as_bytes());
@@ -152,7 +165,9 @@ async fn header_echo_server() -> std::net::SocketAddr {
                         .collect();
                     lines.sort();
                     let lines = lines.concat();
-                    Ok::<_, Infallible>(Response::new(http_body_util::Full::new(bytes::Bytes::from(lines))))
+                    Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from(lines),
+                    )))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -195,9 +210,16 @@ async fn http_headers_are_set_and_stripped() {
     ]) else {
         return;
     };
-    assert!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let expected = "h8-client-id: \nh8-peer: server-a\nh8-source-id: machine:server-a\n";
-    assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{expected}{expected}"));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        format!("{expected}{expected}")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,7 +252,9 @@ async fn reload_starts_and_stops_forwards() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut stream = tokio::net::UnixStream::connect(&forward).await.expect("forward listens");
+    let mut stream = tokio::net::UnixStream::connect(&forward)
+        .await
+        .expect("forward listens");
     stream.write_all(b"via forward").await.expect("write");
     stream.shutdown().await.expect("shutdown");
     let mut reply = Vec::new();
@@ -278,11 +302,16 @@ async fn killed_peer_resets_tcp_forward() {
         ..NodeSpec::default()
     };
     let (a, mut b) = start_pair(root.path(), a_spec, b_spec);
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connect forward");
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect forward");
     let mut buffer = vec![0u8; 64 * 1024];
     let mut total = 0;
     while total < 256 * 1024 {
-        let n = stream.read(&mut buffer).await.expect("read before the kill");
+        let n = stream
+            .read(&mut buffer)
+            .await
+            .expect("read before the kill");
         assert!(n > 0, "stream ended before the kill");
         total += n;
     }
@@ -301,5 +330,10 @@ async fn killed_peer_resets_tcp_forward() {
     .await
     .expect("the local end learns of the failure within 30 s");
     let error = outcome.expect_err("a killed peer must not look like a clean end of stream");
-    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}; log:\n{}", a.log_text());
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionReset,
+        "{error}; log:\n{}",
+        a.log_text()
+    );
 }

@@ -8,9 +8,16 @@ use api::{allow_a, echo_server, start_pair, tcp_service, NodeSpec};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn json(output: &std::process::Output) -> serde_json::Value {
-    assert!(output.status.success(), "curl failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {}", String::from_utf8_lossy(&output.stdout))
+        panic!(
+            "not JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
     })
 }
 
@@ -26,7 +33,10 @@ async fn curl_reads_status_peers_metrics() {
     let (a, _b) = start_pair(root.path(), NodeSpec::default(), b_spec);
 
     // Open one stream so that the peer is connected.
-    let (_, mut stream) = a.upgrade("/v1/connect/server-b/echo").await.expect("connect");
+    let (_, mut stream) = a
+        .upgrade("/v1/connect/server-b/echo")
+        .await
+        .expect("connect");
     stream.write_all(b"ping").await.expect("write");
     let mut reply = [0u8; 4];
     stream.read_exact(&mut reply).await.expect("read");
@@ -56,13 +66,22 @@ async fn curl_reads_status_peers_metrics() {
     assert_eq!(token["kind"], "machine");
     assert_eq!(token["server"], "server-a");
     assert_eq!(token["token_id"].as_str().expect("token id").len(), 32);
-    assert!(token.get("token").is_none(), "raw token must not be returned: {token}");
+    assert!(
+        token.get("token").is_none(),
+        "raw token must not be returned: {token}"
+    );
 
     let metrics = a.curl(&["http://h8/metrics"]).expect("curl");
     let text = String::from_utf8_lossy(&metrics.stdout);
     assert!(text.contains("h8_streams_opened_total 1"), "{text}");
-    assert!(text.contains("h8_session_state{state=\"active\"} 1"), "{text}");
-    assert!(text.contains("h8_peer_connected{peer=\"server-b\"} 1"), "{text}");
+    assert!(
+        text.contains("h8_session_state{state=\"active\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("h8_peer_connected{peer=\"server-b\"} 1"),
+        "{text}"
+    );
     let v1 = a.curl(&["http://h8/v1/metrics"]).expect("curl");
     assert!(String::from_utf8_lossy(&v1.stdout).contains("# TYPE h8_streams_active gauge"));
 
@@ -85,19 +104,34 @@ async fn stream_errors_map_to_statuses() {
     let (a, _b) = start_pair(root.path(), NodeSpec::default(), b_spec);
 
     // A working stream stays open while others fail.
-    let (_, mut working) = a.upgrade("/v1/connect/server-b/echo").await.expect("connect");
+    let (_, mut working) = a
+        .upgrade("/v1/connect/server-b/echo")
+        .await
+        .expect("connect");
     working.write_all(b"one").await.expect("write");
 
-    let (status, body) = a.upgrade("/v1/connect/server-b/secret").await.expect_err("denied");
+    let (status, body) = a
+        .upgrade("/v1/connect/server-b/secret")
+        .await
+        .expect_err("denied");
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("\"error\":\"policy_denied\""), "{body}");
-    assert!(body.contains("[[allow]]"), "message says what to do: {body}");
+    assert!(
+        body.contains("[[allow]]"),
+        "message says what to do: {body}"
+    );
 
-    let (status, body) = a.upgrade("/v1/connect/server-x/echo").await.expect_err("unknown peer");
+    let (status, body) = a
+        .upgrade("/v1/connect/server-x/echo")
+        .await
+        .expect_err("unknown peer");
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("unknown_peer"), "{body}");
 
-    let (status, body) = a.upgrade("/v1/accept/nothing").await.expect_err("unknown service");
+    let (status, body) = a
+        .upgrade("/v1/accept/nothing")
+        .await
+        .expect_err("unknown service");
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("unknown_service"), "{body}");
 
@@ -114,7 +148,9 @@ async fn bad_requests_get_4xx() {
     let (a, _b) = start_pair(root.path(), NodeSpec::default(), NodeSpec::default());
 
     let (status, body) = a
-        .raw_request(b"POST /v1/connect/server-b/echo HTTP/1.1\r\nHost: h8\r\nConnection: close\r\n\r\n")
+        .raw_request(
+            b"POST /v1/connect/server-b/echo HTTP/1.1\r\nHost: h8\r\nConnection: close\r\n\r\n",
+        )
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("Upgrade: h8-stream"), "{body}");
@@ -138,7 +174,9 @@ async fn bad_requests_get_4xx() {
         .await;
     assert_eq!(status, 413, "{body}");
 
-    let (status, _) = a.raw_request(b"\x16\x03\x01 garbage that is not HTTP\r\n\r\n").await;
+    let (status, _) = a
+        .raw_request(b"\x16\x03\x01 garbage that is not HTTP\r\n\r\n")
+        .await;
     assert_eq!(status / 100, 4, "garbage gets a 4xx");
 
     let huge = format!(
@@ -191,7 +229,11 @@ async fn h8_cli_shows_status_and_errors() {
 
     let output = a.h8(&["status"]).output().expect("run h8");
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(text.contains("server-a"), "{text}");
     assert!(text.contains("active"), "{text}");
 
@@ -203,7 +245,10 @@ async fn h8_cli_shows_status_and_errors() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(text.contains("machine:server-a"), "{text}");
 
-    let output = a.h8(&["connect", "server-x", "echo"]).output().expect("run h8");
+    let output = a
+        .h8(&["connect", "server-x", "echo"])
+        .output()
+        .expect("run h8");
     assert!(!output.status.success());
     let error = String::from_utf8_lossy(&output.stderr);
     assert!(error.contains("404"), "{error}");
@@ -215,6 +260,9 @@ async fn h8_cli_shows_status_and_errors() {
         .expect("run h8");
     assert!(!output.status.success());
     let error = String::from_utf8_lossy(&output.stderr);
-    assert!(error.contains("cannot connect to /nonexistent/h8d.sock"), "{error}");
+    assert!(
+        error.contains("cannot connect to /nonexistent/h8d.sock"),
+        "{error}"
+    );
     assert!(error.contains("is h8d running"), "{error}");
 }

@@ -28,12 +28,14 @@ async fn transfer_through_h8_connect(len: usize) {
     let output = root.path().join("output.bin");
     {
         use std::io::Write as _;
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&input).expect("create input"));
+        let mut file =
+            std::io::BufWriter::new(std::fs::File::create(&input).expect("create input"));
         let block = pattern(1 << 20, 7);
         for _ in 0..len / block.len() {
             file.write_all(&block).expect("write input");
         }
-        file.write_all(&block[..len % block.len()]).expect("write input");
+        file.write_all(&block[..len % block.len()])
+            .expect("write input");
     }
     let mut command = a.h8(&["connect", "server-b", "echo"]);
     command
@@ -44,11 +46,18 @@ async fn transfer_through_h8_connect(len: usize) {
         .await
         .expect("join")
         .expect("run h8 connect");
-    assert!(result.status.success(), "h8 connect failed: {}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "h8 connect failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 
     let sent = sha256_of_file(&input);
     let received = sha256_of_file(&output);
-    assert_eq!(std::fs::metadata(&output).expect("output").len(), len as u64);
+    assert_eq!(
+        std::fs::metadata(&output).expect("output").len(),
+        len as u64
+    );
     assert_eq!(sent, received);
 }
 
@@ -92,7 +101,10 @@ async fn half_close_works_both_ways() {
                 let mut data = Vec::new();
                 stream.read_to_end(&mut data).await.expect("backend read");
                 let reply = format!("{} {}", data.len(), sha256_hex(&data));
-                stream.write_all(reply.as_bytes()).await.expect("backend write");
+                stream
+                    .write_all(reply.as_bytes())
+                    .await
+                    .expect("backend write");
             });
         }
     });
@@ -128,7 +140,10 @@ async fn half_close_works_both_ways() {
 
     // Client closes its sending side first and still reads the whole reply.
     let payload = pattern(3 << 20, 11);
-    let (_, mut stream) = a.upgrade("/v1/connect/server-b/digest").await.expect("connect");
+    let (_, mut stream) = a
+        .upgrade("/v1/connect/server-b/digest")
+        .await
+        .expect("connect");
     stream.write_all(&payload).await.expect("write");
     stream.shutdown().await.expect("shutdown");
     let mut reply = String::new();
@@ -136,11 +151,20 @@ async fn half_close_works_both_ways() {
     assert_eq!(reply, format!("{} {}", payload.len(), sha256_hex(&payload)));
 
     // Backend closes its sending side first and still receives everything.
-    let (_, mut stream) = a.upgrade("/v1/connect/server-b/greet").await.expect("connect");
+    let (_, mut stream) = a
+        .upgrade("/v1/connect/server-b/greet")
+        .await
+        .expect("connect");
     let mut greeting = Vec::new();
-    stream.read_to_end(&mut greeting).await.expect("read greeting");
+    stream
+        .read_to_end(&mut greeting)
+        .await
+        .expect("read greeting");
     assert_eq!(greeting, b"hello");
-    stream.write_all(&payload).await.expect("write after peer EOF");
+    stream
+        .write_all(&payload)
+        .await
+        .expect("write after peer EOF");
     stream.shutdown().await.expect("shutdown");
     let count = tokio::time::timeout(Duration::from_secs(20), counted.recv())
         .await
@@ -162,7 +186,9 @@ async fn accept_route_gets_identity_headers() {
     let b_socket = b.socket.clone();
     let accepter = tokio::spawn(async move {
         let node_path = b_socket;
-        let mut stream = tokio::net::UnixStream::connect(&node_path).await.expect("connect API");
+        let mut stream = tokio::net::UnixStream::connect(&node_path)
+            .await
+            .expect("connect API");
         stream
             .write_all(b"POST /v1/accept/inbox?timeout_secs=20 HTTP/1.1\r\nHost: h8\r\nConnection: Upgrade\r\nUpgrade: h8-stream\r\n\r\n")
             .await
@@ -181,7 +207,10 @@ async fn accept_route_gets_identity_headers() {
     // Give the accept request time to reach the queue before the stream arrives.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let (_, mut stream) = a.upgrade("/v1/connect/server-b/inbox").await.expect("connect");
+    let (_, mut stream) = a
+        .upgrade("/v1/connect/server-b/inbox")
+        .await
+        .expect("connect");
     stream.write_all(b"hello").await.expect("write");
     let mut reply = Vec::new();
     stream.read_to_end(&mut reply).await.expect("read");
@@ -190,7 +219,11 @@ async fn accept_route_gets_identity_headers() {
     let (head, request) = accepter.await.expect("accepter");
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(header(&head, "h8-peer"), Some("server-a"), "{head}");
-    assert_eq!(header(&head, "h8-source-id"), Some("machine:server-a"), "{head}");
+    assert_eq!(
+        header(&head, "h8-source-id"),
+        Some("machine:server-a"),
+        "{head}"
+    );
     assert_eq!(header(&head, "h8-client-id"), Some(""), "{head}");
     assert_eq!(&request, b"hello");
 }
@@ -203,7 +236,10 @@ async fn accept_times_out_with_504() {
         ..NodeSpec::default()
     };
     let (_a, b) = start_pair(root.path(), NodeSpec::default(), b_spec);
-    let (status, body) = b.upgrade("/v1/accept/inbox?timeout_secs=1").await.expect_err("timeout");
+    let (status, body) = b
+        .upgrade("/v1/accept/inbox?timeout_secs=1")
+        .await
+        .expect_err("timeout");
     assert_eq!(status, 504, "{body}");
     assert!(body.contains("timed_out"), "{body}");
 }

@@ -33,7 +33,9 @@ fn h8d_log(root: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
         command.env(key, value);
     }
     let mut process = Process::spawn("server-a", &mut command, root.join("h8d-format.log"));
-    wait_for("the API socket", WAIT, || api(&socket, "GET", "/v1/status", "").is_ok());
+    wait_for("the API socket", WAIT, || {
+        api(&socket, "GET", "/v1/status", "").is_ok()
+    });
     process.signal("TERM");
     assert_eq!(process.wait_exit(WAIT), Some(0), "{}", process.log_text());
     process.log_text()
@@ -42,8 +44,8 @@ fn h8d_log(root: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
 fn assert_json_lines(log: &str) {
     assert!(!log.trim().is_empty(), "empty log");
     for line in log.lines().filter(|line| !line.is_empty()) {
-        let value: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("line is not JSON ({e}): {line}"));
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("line is not JSON ({e}): {line}"));
         assert!(value.is_object(), "line is not a JSON object: {line}");
         assert!(value.get("timestamp").is_some(), "no timestamp: {line}");
         assert!(value.get("level").is_some(), "no level: {line}");
@@ -71,7 +73,10 @@ fn h8d_journal_format_has_no_timestamps() {
             ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&first),
             "journal line does not start with its level: {line}"
         );
-        assert!(!line.contains("\u{1b}["), "colour codes in a journal line: {line}");
+        assert!(
+            !line.contains("\u{1b}["),
+            "colour codes in a journal line: {line}"
+        );
     }
 }
 
@@ -91,12 +96,19 @@ fn h8d_config_log_level_applies() {
         .stderr(file)
         .spawn()
         .expect("start h8d");
-    wait_for("the API socket", WAIT, || api(&socket, "GET", "/v1/status", "").is_ok());
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    wait_for("the API socket", WAIT, || {
+        api(&socket, "GET", "/v1/status", "").is_ok()
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let status = child.wait().expect("wait for h8d");
     assert!(status.success(), "h8d exit status {status}");
     let log = std::fs::read_to_string(&log_path).expect("read log");
-    assert!(!log.contains("INFO"), "INFO lines with log_level = \"warn\":\n{log}");
+    assert!(
+        !log.contains("INFO"),
+        "INFO lines with log_level = \"warn\":\n{log}"
+    );
 }
 
 #[test]
@@ -108,13 +120,28 @@ fn tokend_json_one_object_per_line() {
         .arg(&data)
         .output()
         .expect("run h8-tokend init");
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    std::fs::write(root.path().join("policy.toml"), "[applications.demo]\nservers = [\"server-a\"]\n").expect("write policy");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    std::fs::write(
+        root.path().join("policy.toml"),
+        "[applications.demo]\nservers = [\"server-a\"]\n",
+    )
+    .expect("write policy");
     let ready = root.path().join("ready.json");
     let mut process = Process::spawn(
         "h8-tokend",
         Command::new(TOKEND)
-            .args(["run", "--log-format", "json", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(&data)
             .arg("--policy")
             .arg(root.path().join("policy.toml"))
@@ -166,13 +193,19 @@ fn token_server_run_logs_no_secret() {
     for (i, name) in ["server-a", "server-b"].iter().enumerate() {
         let mut spec = Daemon::token_server_config(name, ports[i], &server, "demo");
         let other = 1 - i;
-        spec.peers = vec![(["server-a", "server-b"][other].to_owned(), ports[other], None)];
+        spec.peers = vec![(
+            ["server-a", "server-b"][other].to_owned(),
+            ports[other],
+            None,
+        )];
         spec.services = format!("[services.echo]\ntarget = \"tcp:127.0.0.1:{echo}\"\n");
         let code = server.enrollment_code(name);
         codes.push(code.clone());
         daemons.push(Daemon::start(root.path(), &spec, Some(code)));
     }
-    let stream = daemons[0].connect("server-b", "echo").expect("stream a -> b");
+    let stream = daemons[0]
+        .connect("server-b", "echo")
+        .expect("stream a -> b");
     assert_eq!(round_trip(stream, b"secret-free"), b"secret-free");
     let (status, body) = api(&daemons[0].socket, "GET", "/v1/token", "").expect("token claims");
     assert_eq!(status, 200, "{body}");
@@ -182,14 +215,19 @@ fn token_server_run_logs_no_secret() {
         .map(|code| ("enrollment code".to_owned(), code.clone()))
         .collect();
     for daemon in &daemons {
-        let saved = h8::daemon::session::SavedSession::load(&daemon.dir.join("state")).expect("saved session");
+        let saved = h8::daemon::session::SavedSession::load(&daemon.dir.join("state"))
+            .expect("saved session");
         let token = saved.token.expect("saved token");
         assert!(token.len() > 40, "token text too short to search for");
         secrets.push((format!("token of {}", daemon.name), token));
     }
     let mut keys = Vec::new();
     private_keys(root.path(), &mut keys);
-    assert!(keys.len() >= 3, "found {} private key files, expected the identity, signing and TLS keys", keys.len());
+    assert!(
+        keys.len() >= 3,
+        "found {} private key files, expected the identity, signing and TLS keys",
+        keys.len()
+    );
     for key in &keys {
         for line in pem_body_lines(key) {
             secrets.push(("private key PEM".to_owned(), line));
@@ -202,9 +240,15 @@ fn token_server_run_logs_no_secret() {
     }
     for (name, log) in &logs {
         assert!(!log.is_empty(), "empty log of {name}");
-        assert!(!log.contains("PRIVATE KEY"), "log of {name} contains a PEM private key");
+        assert!(
+            !log.contains("PRIVATE KEY"),
+            "log of {name} contains a PEM private key"
+        );
         for (what, secret) in &secrets {
-            assert!(!log.contains(secret.as_str()), "log of {name} contains a {what}");
+            assert!(
+                !log.contains(secret.as_str()),
+                "log of {name} contains a {what}"
+            );
         }
     }
 }

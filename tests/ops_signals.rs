@@ -48,17 +48,28 @@ fn h8d_ready_after_api_socket() {
     let (config, socket) = lone_daemon_config(root.path());
     let mut process = spawn_h8d(&config, &notify, "server-a");
 
-    let ready = notify
-        .wait_for("READY=1", WAIT)
-        .unwrap_or_else(|| panic!("no READY=1; messages {:?}\n{}", notify.messages, process.log_text()));
+    let ready = notify.wait_for("READY=1", WAIT).unwrap_or_else(|| {
+        panic!(
+            "no READY=1; messages {:?}\n{}",
+            notify.messages,
+            process.log_text()
+        )
+    });
     // The API must answer by the time systemd hears READY=1.
     let (status, body) = api(&socket, "GET", "/v1/status", "").expect("API answers after READY=1");
     assert_eq!(status, 200, "{body}");
-    assert!(ready.lines().any(|l| l == "STATUS=ready"), "READY message: {ready:?}");
+    assert!(
+        ready.lines().any(|l| l == "STATUS=ready"),
+        "READY message: {ready:?}"
+    );
 
     process.signal("TERM");
     let stopping = notify.wait_for("STOPPING=1", WAIT);
-    assert!(stopping.is_some(), "no STOPPING=1; messages {:?}", notify.messages);
+    assert!(
+        stopping.is_some(),
+        "no STOPPING=1; messages {:?}",
+        notify.messages
+    );
     assert_eq!(process.wait_exit(WAIT), Some(0), "{}", process.log_text());
 }
 
@@ -73,11 +84,24 @@ fn h8d_no_ready_when_bind_fails() {
 
     let code = process.wait_exit(WAIT);
     let log = process.log_text();
-    assert!(matches!(code, Some(c) if c != 0), "exit code {code:?}; log:\n{log}");
-    assert!(log.contains("another daemon is listening on"), "log names the cause:\n{log}");
-    assert!(log.contains(&socket.display().to_string()), "log names the socket:\n{log}");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit code {code:?}; log:\n{log}"
+    );
+    assert!(
+        log.contains("another daemon is listening on"),
+        "log names the cause:\n{log}"
+    );
+    assert!(
+        log.contains(&socket.display().to_string()),
+        "log names the socket:\n{log}"
+    );
     while notify.recv(Duration::from_millis(200)).is_some() {}
-    assert!(!notify.seen("READY=1"), "READY=1 sent although the bind failed: {:?}", notify.messages);
+    assert!(
+        !notify.seen("READY=1"),
+        "READY=1 sent although the bind failed: {:?}",
+        notify.messages
+    );
 }
 
 #[test]
@@ -92,10 +116,17 @@ fn h8d_status_degraded_without_token_server() {
 
     let mut notify = NotifySocket::bind(root.path());
     let mut process = spawn_h8d(&daemon.config, &notify, "server-a");
-    let ready = notify
-        .wait_for("READY=1", WAIT)
-        .unwrap_or_else(|| panic!("no READY=1; messages {:?}\n{}", notify.messages, process.log_text()));
-    let status_line = ready.lines().find(|l| l.starts_with("STATUS=")).unwrap_or_default();
+    let ready = notify.wait_for("READY=1", WAIT).unwrap_or_else(|| {
+        panic!(
+            "no READY=1; messages {:?}\n{}",
+            notify.messages,
+            process.log_text()
+        )
+    });
+    let status_line = ready
+        .lines()
+        .find(|l| l.starts_with("STATUS="))
+        .unwrap_or_default();
     assert!(status_line.contains("degraded"), "READY message: {ready:?}");
     process.signal("TERM");
     assert_eq!(process.wait_exit(WAIT), Some(0), "{}", process.log_text());
@@ -110,8 +141,16 @@ fn tokend_config(root: &Path, listen: &str) -> std::path::PathBuf {
         .arg(&data)
         .output()
         .expect("run h8-tokend init");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    std::fs::write(root.join("policy.toml"), "[applications.demo]\nservers = [\"server-a\"]\n").expect("write policy");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::write(
+        root.join("policy.toml"),
+        "[applications.demo]\nservers = [\"server-a\"]\n",
+    )
+    .expect("write policy");
     let config = root.join("h8-tokend.toml");
     std::fs::write(
         &config,
@@ -141,23 +180,45 @@ fn tokend_ready_reload_and_stop() {
     let config = tokend_config(root.path(), "127.0.0.1:0");
     let mut process = spawn_tokend(&config, &notify);
 
-    let ready = notify
-        .wait_for("READY=1", WAIT)
-        .unwrap_or_else(|| panic!("no READY=1; messages {:?}\n{}", notify.messages, process.log_text()));
-    assert!(root.path().join("admin.sock").exists(), "admin socket missing at READY=1");
+    let ready = notify.wait_for("READY=1", WAIT).unwrap_or_else(|| {
+        panic!(
+            "no READY=1; messages {:?}\n{}",
+            notify.messages,
+            process.log_text()
+        )
+    });
+    assert!(
+        root.path().join("admin.sock").exists(),
+        "admin socket missing at READY=1"
+    );
     let info: h8::token_server::run::ReadyInfo = serde_json::from_str(
         &std::fs::read_to_string(root.path().join("ready.json")).expect("ready file at READY=1"),
     )
     .expect("parse ready file");
     std::net::TcpStream::connect(&info.listen).expect("HTTPS port accepts at READY=1");
-    assert!(ready.contains("STATUS=serving on"), "READY message: {ready:?}");
+    assert!(
+        ready.contains("STATUS=serving on"),
+        "READY message: {ready:?}"
+    );
 
     process.signal("HUP");
-    assert!(notify.wait_for("RELOADING=1", WAIT).is_some(), "no RELOADING=1: {:?}", notify.messages);
-    assert!(notify.wait_for("READY=1", WAIT).is_some(), "no READY=1 after reload: {:?}", notify.messages);
+    assert!(
+        notify.wait_for("RELOADING=1", WAIT).is_some(),
+        "no RELOADING=1: {:?}",
+        notify.messages
+    );
+    assert!(
+        notify.wait_for("READY=1", WAIT).is_some(),
+        "no READY=1 after reload: {:?}",
+        notify.messages
+    );
 
     process.signal("TERM");
-    assert!(notify.wait_for("STOPPING=1", WAIT).is_some(), "no STOPPING=1: {:?}", notify.messages);
+    assert!(
+        notify.wait_for("STOPPING=1", WAIT).is_some(),
+        "no STOPPING=1: {:?}",
+        notify.messages
+    );
     assert_eq!(process.wait_exit(WAIT), Some(0), "{}", process.log_text());
 }
 
@@ -172,10 +233,20 @@ fn tokend_no_ready_when_bind_fails() {
 
     let code = process.wait_exit(WAIT);
     let log = process.log_text();
-    assert!(matches!(code, Some(c) if c != 0), "exit code {code:?}; log:\n{log}");
-    assert!(log.contains(&format!("cannot listen on {listen}")), "log names the address:\n{log}");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit code {code:?}; log:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("cannot listen on {listen}")),
+        "log names the address:\n{log}"
+    );
     while notify.recv(Duration::from_millis(200)).is_some() {}
-    assert!(!notify.seen("READY=1"), "READY=1 sent although the bind failed: {:?}", notify.messages);
+    assert!(
+        !notify.seen("READY=1"),
+        "READY=1 sent although the bind failed: {:?}",
+        notify.messages
+    );
 }
 
 #[test]
@@ -186,7 +257,13 @@ fn sigterm_drains_then_closes_streams() {
     let b = node(root.path(), "server-b");
     let services = format!("[services.echo]\ntarget = \"tcp:127.0.0.1:{echo}\"\n");
     let spec_a = sidecar_spec(root.path(), &a, &[&b], "", &allow("server-b", &["echo"]));
-    let spec_b = sidecar_spec(root.path(), &b, &[&a], &services, &allow("server-a", &["echo"]));
+    let spec_b = sidecar_spec(
+        root.path(),
+        &b,
+        &[&a],
+        &services,
+        &allow("server-a", &["echo"]),
+    );
     let daemon_b = Daemon::start(root.path(), &spec_b, None);
     let daemon_a = Daemon::start(root.path(), &spec_a, None);
     let mut daemon_b = daemon_b;
@@ -197,7 +274,9 @@ fn sigterm_drains_then_closes_streams() {
     let mut reply = [0u8; 4];
     held.read_exact(&mut reply).expect("echo before SIGTERM");
     assert_eq!(&reply, b"ping");
-    let mut finishing = daemon_a.connect("server-b", "echo").expect("finishing stream");
+    let mut finishing = daemon_a
+        .connect("server-b", "echo")
+        .expect("finishing stream");
     finishing.write_all(b"first half ").expect("write");
 
     let sent = Instant::now();
@@ -213,7 +292,10 @@ fn sigterm_drains_then_closes_streams() {
         }
     }
     // The daemon's own API no longer accepts connections.
-    assert!(api(&daemon_b.socket, "GET", "/v1/status", "").is_err(), "API of server-b still answers");
+    assert!(
+        api(&daemon_b.socket, "GET", "/v1/status", "").is_err(),
+        "API of server-b still answers"
+    );
 
     // A stream that ends during the grace period completes byte-exact.
     let finished = round_trip(finishing, b"second half");
@@ -224,19 +306,31 @@ fn sigterm_drains_then_closes_streams() {
     let code = daemon_b.process.wait_exit(Duration::from_secs(15));
     let elapsed = sent.elapsed();
     assert_eq!(code, Some(0), "{}", daemon_b.process.log_text());
-    assert!(elapsed >= Duration::from_millis(2500), "exited after {elapsed:?}, before the grace period ended");
-    assert!(elapsed < Duration::from_secs(8), "exited after {elapsed:?}, long after the grace period");
+    assert!(
+        elapsed >= Duration::from_millis(2500),
+        "exited after {elapsed:?}, before the grace period ended"
+    );
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "exited after {elapsed:?}, long after the grace period"
+    );
     let log_b = daemon_b.process.log_text();
-    assert!(log_b.contains("grace period over"), "server-b log:\n{log_b}");
+    assert!(
+        log_b.contains("grace period over"),
+        "server-b log:\n{log_b}"
+    );
 
     // The held stream ends without its data: the far side's reason is in
     // server-a's log, because a Unix socket cannot carry it.
-    held.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     let _ = held.write_all(b"after shutdown");
     let mut rest = Vec::new();
     let _ = held.read_to_end(&mut rest);
     assert!(rest.is_empty(), "data echoed after the shutdown: {rest:?}");
-    wait_for("server-a to log the reason", Duration::from_secs(10), || {
-        daemon_a.process.log_text().contains("daemon shutting down")
-    });
+    wait_for(
+        "server-a to log the reason",
+        Duration::from_secs(10),
+        || daemon_a.process.log_text().contains("daemon shutting down"),
+    );
 }

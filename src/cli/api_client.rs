@@ -68,7 +68,10 @@ impl ApiClient {
             .with_context(|| format!("invalid request path {path:?}"))
     }
 
-    async fn send(&self, request: Request<Empty<Bytes>>) -> anyhow::Result<Response<hyper::body::Incoming>> {
+    async fn send(
+        &self,
+        request: Request<Empty<Bytes>>,
+    ) -> anyhow::Result<Response<hyper::body::Incoming>> {
         let path = request.uri().path().to_owned();
         let mut sender = self.connect().await?;
         sender
@@ -93,9 +96,10 @@ impl ApiClient {
     /// headers and the raw connection after `101 Switching Protocols`.
     pub async fn upgrade(&self, path: &str) -> anyhow::Result<(HeaderMap, StreamIo)> {
         let mut request = Self::request(Method::POST, path)?;
-        request
-            .headers_mut()
-            .insert(CONNECTION, hyper::header::HeaderValue::from_static("upgrade"));
+        request.headers_mut().insert(
+            CONNECTION,
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
         request.headers_mut().insert(
             UPGRADE,
             hyper::header::HeaderValue::from_static(UPGRADE_PROTOCOL),
@@ -126,9 +130,7 @@ async fn json_body<T: DeserializeOwned>(
         .with_context(|| format!("reading the response to {path} failed"))?
         .to_bytes();
     serde_json::from_slice(&body).with_context(|| {
-        format!(
-            "response to {path} is not the expected JSON; do h8 and h8d have the same version?"
-        )
+        format!("response to {path} is not the expected JSON; do h8 and h8d have the same version?")
     })
 }
 
@@ -136,7 +138,9 @@ async fn error_of(response: Response<hyper::body::Incoming>, path: &str) -> anyh
     let status = response.status();
     let body = match response.into_body().collect().await {
         Ok(body) => body.to_bytes(),
-        Err(error) => return anyhow!("h8d answered {status} to {path}, and reading the body failed: {error}"),
+        Err(error) => {
+            return anyhow!("h8d answered {status} to {path}, and reading the body failed: {error}")
+        }
     };
     match serde_json::from_slice::<ErrorBody>(&body) {
         Ok(body) => ApiError {

@@ -82,7 +82,9 @@ pub async fn status(args: ShowArgs) -> anyhow::Result<()> {
     };
     let token = match (status.token_expires_at, status.token_expires_in_secs) {
         (Some(at), Some(0)) => format!("expired at {}", format_time(at)),
-        (Some(at), Some(left)) => format!("expires {} (in {})", format_time(at), format_duration(left)),
+        (Some(at), Some(left)) => {
+            format!("expires {} (in {})", format_time(at), format_duration(left))
+        }
         _ => "none".to_owned(),
     };
     println!("Name:       {}", status.name);
@@ -202,7 +204,10 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
         tokio::io::copy_buf(&mut read, &mut stdout)
             .await
             .context("copying the stream to standard output failed")?;
-        stdout.flush().await.context("flushing standard output failed")?;
+        stdout
+            .flush()
+            .await
+            .context("flushing standard output failed")?;
         anyhow::Ok(())
     };
     tokio::try_join!(upload, download)?;

@@ -233,10 +233,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for (index, name) in SERVERS.iter().enumerate() {
         let other = 1 - index;
         let dir = demo.dir.join(name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let config = dir.join("h8d.toml");
-        let text = daemon_config(name, ports[index], (SERVERS[other], ports[other]), echo_port, &ready, &dir);
-        std::fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
+        let text = daemon_config(
+            name,
+            ports[index],
+            (SERVERS[other], ports[other]),
+            echo_port,
+            &ready,
+            &dir,
+        );
+        std::fs::write(&config, text)
+            .with_context(|| format!("cannot write {}", config.display()))?;
 
         let code = admin
             .enroll(name, None)
@@ -279,7 +288,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!();
     println!("The daemons keep running until Ctrl-C. Try:");
     for (name, socket) in SERVERS.iter().zip(&sockets) {
-        println!("  curl --unix-socket {} http://h8/v1/status    # {name}", socket.display());
+        println!(
+            "  curl --unix-socket {} http://h8/v1/status    # {name}",
+            socket.display()
+        );
     }
     println!(
         "  curl --unix-socket {} http://h8/v1/peers",
@@ -289,7 +301,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  h8 connect --socket {} server-b echo",
         sockets[0].display()
     );
-    println!("  logs: {}/*/h8d.log and {}/tokend/h8-tokend.log", demo.dir.display(), demo.dir.display());
+    println!(
+        "  logs: {}/*/h8d.log and {}/tokend/h8-tokend.log",
+        demo.dir.display(),
+        demo.dir.display()
+    );
     tokio::signal::ctrl_c()
         .await
         .context("cannot wait for Ctrl-C")?;
@@ -333,7 +349,10 @@ async fn start_token_server(demo: &mut Demo, tokend: &Path) -> anyhow::Result<Re
     while !ready_file.exists() {
         demo.check_running("h8-tokend", &log)?;
         if Instant::now() > deadline {
-            bail!("h8-tokend did not start within {START_TIMEOUT:?}; see {}", log.display());
+            bail!(
+                "h8-tokend did not start within {START_TIMEOUT:?}; see {}",
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -347,7 +366,12 @@ async fn start_token_server(demo: &mut Demo, tokend: &Path) -> anyhow::Result<Re
 }
 
 /// Waits until the daemon's session is active; returns its status.
-async fn wait_active(demo: &mut Demo, name: &str, socket: &Path, log: &Path) -> anyhow::Result<Status> {
+async fn wait_active(
+    demo: &mut Demo,
+    name: &str,
+    socket: &Path,
+    log: &Path,
+) -> anyhow::Result<Status> {
     let client = ApiClient::new(socket);
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
@@ -358,7 +382,10 @@ async fn wait_active(demo: &mut Demo, name: &str, socket: &Path, log: &Path) -> 
             }
         }
         if Instant::now() > deadline {
-            bail!("{name} has no active session after {START_TIMEOUT:?}; see {}", log.display());
+            bail!(
+                "{name} has no active session after {START_TIMEOUT:?}; see {}",
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -384,8 +411,14 @@ async fn echo_through(socket: &Path) -> anyhow::Result<()> {
             info.rtt_ms.unwrap_or(0.0)
         );
     }
-    stream.write_all(PAYLOAD).await.context("cannot write to the stream")?;
-    stream.shutdown().await.context("cannot half-close the stream")?;
+    stream
+        .write_all(PAYLOAD)
+        .await
+        .context("cannot write to the stream")?;
+    stream
+        .shutdown()
+        .await
+        .context("cannot half-close the stream")?;
     let mut echoed = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut echoed))
         .await

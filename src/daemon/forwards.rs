@@ -172,7 +172,9 @@ fn listen(daemon: &Daemon, key: ForwardKey) -> anyhow::Result<RunningForward> {
         }
         ListenAddress::Tcp(address) => {
             let listener = std::net::TcpListener::bind(address).map_err(|e| {
-                anyhow::anyhow!("cannot listen on {address} for forward {key}: {e}; is the port in use?")
+                anyhow::anyhow!(
+                    "cannot listen on {address} for forward {key}: {e}; is the port in use?"
+                )
             })?;
             listener.set_nonblocking(true)?;
             let listener = TcpListener::from_std(listener)?;
@@ -212,7 +214,10 @@ async fn accept_tcp(daemon: Daemon, listener: TcpListener, key: ForwardKey) {
                 let daemon = daemon.clone();
                 let key = key.clone();
                 tokio::spawn(async move {
-                    if forward_connection(&daemon, &mut stream, &key).await.is_err() {
+                    if forward_connection(&daemon, &mut stream, &key)
+                        .await
+                        .is_err()
+                    {
                         if let Err(error) = stream.set_zero_linger() {
                             debug!(forward = %key, %error, "cannot set SO_LINGER 0 to reset the connection");
                         }

@@ -52,8 +52,7 @@ pub(super) async fn serve(
             return Err(PipeError::Local(error));
         }
     };
-    let (sender, backend) = match hyper::client::conn::http1::handshake(TokioIo::new(local)).await
-    {
+    let (sender, backend) = match hyper::client::conn::http1::handshake(TokioIo::new(local)).await {
         Ok(pair) => pair,
         Err(error) => {
             let _ = send.reset(LOCAL_ERROR_CODE.into());
@@ -106,9 +105,18 @@ fn identity_values(caller: &PeerIdentity) -> io::Result<[(HeaderName, HeaderValu
         })
     };
     Ok([
-        (HeaderName::from_static(IDENTITY_HEADERS[0]), value(&caller.name)?),
-        (HeaderName::from_static(IDENTITY_HEADERS[1]), value(&caller.client_id)?),
-        (HeaderName::from_static(IDENTITY_HEADERS[2]), value(&caller.source_id)?),
+        (
+            HeaderName::from_static(IDENTITY_HEADERS[0]),
+            value(&caller.name)?,
+        ),
+        (
+            HeaderName::from_static(IDENTITY_HEADERS[1]),
+            value(&caller.client_id)?,
+        ),
+        (
+            HeaderName::from_static(IDENTITY_HEADERS[2]),
+            value(&caller.source_id)?,
+        ),
     ])
 }
 

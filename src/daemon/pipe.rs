@@ -13,6 +13,8 @@ pub const LOCAL_ERROR_CODE: u32 = 0x1;
 pub const SHUTDOWN_CODE: u32 = 0x2;
 
 const BUFFER_LEN: usize = 64 * 1024;
+/// How long a finished stream waits for the peer to acknowledge the rest.
+const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Bytes moved in each direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,6 +58,10 @@ where
             };
             if n == 0 {
                 let _ = send.finish();
+                // Wait until the peer acknowledges all data, so that closing
+                // the connection right after this stream cannot discard data
+                // still in flight.
+                let _ = tokio::time::timeout(DELIVERY_TIMEOUT, send.stopped()).await;
                 return Ok(total);
             }
             send.write_all(&buffer[..n])

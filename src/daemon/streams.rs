@@ -151,6 +151,9 @@ async fn open_on(
 ) -> Result<OpenedStream, OpenError> {
     let timeout = Duration::from_secs(daemon.config().quic.stream_open_timeout_secs);
     let peer = PeerIdentity::from_claims(&connection.claims());
+    // Count the stream from the start, so a connection being replaced is not
+    // closed under an open that is still waiting for its reply.
+    let guard = StreamGuard::new(daemon, connection.clone());
     let exchange = async {
         let (mut send, mut recv) = connection
             .connection
@@ -197,7 +200,7 @@ async fn open_on(
         send,
         recv,
         peer,
-        guard: StreamGuard::new(daemon, connection.clone()),
+        guard,
     })
 }
 

@@ -64,7 +64,9 @@ impl ApiError {
             OpenError::TimedOut(reason) => ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "timed_out",
-                format!("{target} timed out: {reason}; retry, or check the peer's load and network"),
+                format!(
+                    "{target} timed out: {reason}; retry, or check the peer's load and network"
+                ),
             ),
             OpenError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -79,7 +79,13 @@ fn render(daemon: &Daemon) -> String {
         ),
     ];
     for (name, help, counter) in counter_rows {
-        metric(&mut out, name, "counter", help, &[(String::new(), load(counter))]);
+        metric(
+            &mut out,
+            name,
+            "counter",
+            help,
+            &[(String::new(), load(counter))],
+        );
     }
     metric(
         &mut out,
@@ -87,6 +93,17 @@ fn render(daemon: &Daemon) -> String {
         "gauge",
         "Streams open now, both directions.",
         &[(String::new(), load(&counters.streams_active))],
+    );
+
+    metric(
+        &mut out,
+        "h8_quic_connections",
+        "gauge",
+        "QUIC connections open on the endpoint, including ones still in their handshake.",
+        &[(
+            String::new(),
+            daemon.shared.endpoint.open_connections() as f64,
+        )],
     );
 
     let state = daemon.session_state();

@@ -73,7 +73,11 @@ async fn status(State(daemon): State<Daemon>) -> Json<Status> {
         SessionState::Starting => Some("waiting for the first token".to_owned()),
         SessionState::Degraded(reason) | SessionState::Down(reason) => Some(reason.clone()),
     };
-    let claims = daemon.shared.credentials.current().map(|c| c.claims.clone());
+    let claims = daemon
+        .shared
+        .credentials
+        .current()
+        .map(|c| c.claims.clone());
     Json(Status {
         name: config.name.clone(),
         mode: if config.is_sidecar() {
@@ -95,11 +99,7 @@ async fn status(State(daemon): State<Daemon>) -> Json<Status> {
             .local_addr()
             .map_or_else(|_| config.listen.to_string(), |a| a.to_string()),
         peers: config.peers.len(),
-        streams_active: daemon
-            .shared
-            .metrics
-            .streams_active
-            .load(Ordering::Relaxed),
+        streams_active: daemon.shared.metrics.streams_active.load(Ordering::Relaxed),
     })
 }
 
@@ -130,9 +130,7 @@ pub(super) fn peer_infos(daemon: &Daemon) -> Vec<PeerInfo> {
                 name: peer.name.clone(),
                 address: peer.address.clone(),
                 state: state.to_owned(),
-                rtt_ms: connection
-                    .as_ref()
-                    .map(|c| c.rtt().as_secs_f64() * 1000.0),
+                rtt_ms: connection.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0),
                 open_streams: connection
                     .as_ref()
                     .map_or(0, |c| c.open_streams.load(Ordering::Relaxed)),

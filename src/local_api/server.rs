@@ -48,7 +48,9 @@ fn is_allowed(api: &ApiConfig, caller: Caller) -> bool {
     if api.allowed_uids.is_empty() && api.allowed_gids.is_empty() {
         return true;
     }
-    caller.uid == 0 || api.allowed_uids.contains(&caller.uid) || api.allowed_gids.contains(&caller.gid)
+    caller.uid == 0
+        || api.allowed_uids.contains(&caller.uid)
+        || api.allowed_gids.contains(&caller.gid)
 }
 
 pub(super) async fn accept_loop(daemon: Daemon, listener: UnixListener, forwards: Arc<Notify>) {

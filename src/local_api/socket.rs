@@ -170,7 +170,9 @@ fn remove_stale(path: &Path) -> anyhow::Result<()> {
 fn lookup_group(name: &str) -> anyhow::Result<u32> {
     match nix::unistd::Group::from_name(name) {
         Ok(Some(group)) => Ok(group.gid.as_raw()),
-        Ok(None) => bail!("group {name:?} (api.group) does not exist; create it or remove api.group"),
+        Ok(None) => {
+            bail!("group {name:?} (api.group) does not exist; create it or remove api.group")
+        }
         Err(error) => bail!("cannot look up group {name:?} (api.group): {error}"),
     }
 }

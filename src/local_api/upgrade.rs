@@ -155,7 +155,9 @@ pub(super) async fn accept(
         return ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_query",
-            format!("timeout_secs = {timeout_secs} is out of range; use 1 to {MAX_ACCEPT_TIMEOUT_SECS}"),
+            format!(
+                "timeout_secs = {timeout_secs} is out of range; use 1 to {MAX_ACCEPT_TIMEOUT_SECS}"
+            ),
         )
         .into_response();
     }
@@ -180,7 +182,9 @@ pub(super) async fn accept(
             Ok(value) => {
                 response.headers_mut().insert(name, value);
             }
-            Err(_) => warn!(header = name, value = %value, "identity is not a valid header value; omitted"),
+            Err(_) => {
+                warn!(header = name, value = %value, "identity is not a valid header value; omitted")
+            }
         }
     }
     let stream_name = format!("stream of service {service:?} from peer {:?}", caller.name);

@@ -61,7 +61,8 @@ pub fn start_pair(root: &Path, a: NodeSpec, b: NodeSpec) -> (Node, Node) {
         fs::create_dir_all(&state).expect("create state dir");
         fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).expect("chmod state");
         let key = IdentityKey::generate();
-        key.save(&state.join("identity.pem")).expect("save identity");
+        key.save(&state.join("identity.pem"))
+            .expect("save identity");
         keys.push(public_key_text(&key.public()));
     }
     let specs = [a, b];
@@ -132,7 +133,12 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("{} did not open {} in 30 s:\n{}", self.name, self.socket.display(), self.log_text());
+        panic!(
+            "{} did not open {} in 30 s:\n{}",
+            self.name,
+            self.socket.display(),
+            self.log_text()
+        );
     }
 
     /// The daemon's log so far.
@@ -161,28 +167,38 @@ impl Node {
 
     /// Sends `request` as is on a new API connection and returns the status and body.
     pub async fn raw_request(&self, request: &[u8]) -> (u16, String) {
-        let mut stream = UnixStream::connect(&self.socket).await.expect("connect API");
+        let mut stream = UnixStream::connect(&self.socket)
+            .await
+            .expect("connect API");
         stream.write_all(request).await.expect("write request");
         let mut response = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut response)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut response)).await;
         let text = String::from_utf8_lossy(&response).into_owned();
         let status = text
             .split(' ')
             .nth(1)
             .and_then(|code| code.parse().ok())
             .unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_owned());
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_owned());
         (status, body)
     }
 
     /// Sends `POST path` with `Upgrade: h8-stream`. Returns the response head
     /// and the raw connection on 101, or the status and body otherwise.
     pub async fn upgrade(&self, path: &str) -> Result<(String, UnixStream), (u16, String)> {
-        let mut stream = UnixStream::connect(&self.socket).await.expect("connect API");
+        let mut stream = UnixStream::connect(&self.socket)
+            .await
+            .expect("connect API");
         let request = format!(
             "POST {path} HTTP/1.1\r\nHost: h8\r\nConnection: Upgrade\r\nUpgrade: h8-stream\r\n\r\n"
         );
-        stream.write_all(request.as_bytes()).await.expect("write request");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("write request");
         // Read the head byte by byte so that no stream byte is consumed.
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
@@ -190,7 +206,11 @@ impl Node {
             head.push(byte);
         }
         let head = String::from_utf8_lossy(&head).into_owned();
-        let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
         if status == 101 {
             return Ok((head, stream));
         }
@@ -198,7 +218,8 @@ impl Node {
             .lines()
             .find_map(|line| {
                 let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().ok())?
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
             })
             .unwrap_or(0);
         let mut body = vec![0u8; length];
@@ -252,7 +273,10 @@ pub fn tcp_service(name: &str, address: SocketAddr, identity: &str) -> String {
 /// Local policy that lets `server-a` open `services`.
 pub fn allow_a(services: &[&str]) -> String {
     let list: Vec<String> = services.iter().map(|s| format!("\"{s}\"")).collect();
-    format!("[[allow]]\nfrom = \"server-a\"\nservices = [{}]\n", list.join(", "))
+    format!(
+        "[[allow]]\nfrom = \"server-a\"\nservices = [{}]\n",
+        list.join(", ")
+    )
 }
 
 /// SHA-256 of `data` as hex.

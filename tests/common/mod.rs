@@ -136,7 +136,11 @@ impl TokenServer {
             .arg(&data)
             .output()
             .expect("run h8-tokend init");
-        assert!(output.status.success(), "init failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let policy_path = dir.join("policy.toml");
         std::fs::write(&policy_path, policy).expect("write policy");
         let config = dir.join("h8-tokend.toml");
@@ -181,7 +185,9 @@ impl TokenServer {
                 .arg(&ready_file),
             self.dir.join("tokend.log"),
         );
-        wait_for("h8-tokend ready file", Duration::from_secs(20), || ready_file.exists());
+        wait_for("h8-tokend ready file", Duration::from_secs(20), || {
+            ready_file.exists()
+        });
         let text = std::fs::read_to_string(&ready_file).expect("read ready file");
         self.ready = serde_json::from_str(&text).expect("parse ready file");
     }
@@ -244,7 +250,12 @@ pub struct Daemon {
 
 impl Daemon {
     /// Writes the config of a token-server-mode daemon.
-    pub fn token_server_config(name: &str, port: u16, server: &TokenServer, application: &str) -> DaemonSpec {
+    pub fn token_server_config(
+        name: &str,
+        port: u16,
+        server: &TokenServer,
+        application: &str,
+    ) -> DaemonSpec {
         DaemonSpec {
             name: name.to_owned(),
             port,
@@ -270,7 +281,9 @@ impl Daemon {
             dir.join("api.sock").display()
         );
         for (name, port, key) in &spec.peers {
-            text.push_str(&format!("\n[[peers]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n"));
+            text.push_str(&format!(
+                "\n[[peers]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n"
+            ));
             if let Some(key) = key {
                 text.push_str(&format!("public_key = \"{key}\"\n"));
             }
@@ -311,15 +324,25 @@ impl Daemon {
         if let Some(code) = self.enrollment_code.take() {
             command.env("H8_ENROLLMENT_CODE", code);
         }
-        let log = self.dir.join(format!("h8d-{}.log", Instant::now().elapsed().as_nanos()));
+        let log = self
+            .dir
+            .join(format!("h8d-{}.log", Instant::now().elapsed().as_nanos()));
         self.process = Process::spawn(&self.name, &mut command, self.dir.join("h8d.log"));
         let _ = log;
         let socket = self.socket.clone();
         let process = &mut self.process;
-        wait_for(&format!("{} API socket", self.name), Duration::from_secs(20), || {
-            assert!(process.is_running(), "h8d exited early:\n{}", process.log_text());
-            api(&socket, "GET", "/v1/status", "").is_ok()
-        });
+        wait_for(
+            &format!("{} API socket", self.name),
+            Duration::from_secs(20),
+            || {
+                assert!(
+                    process.is_running(),
+                    "h8d exited early:\n{}",
+                    process.log_text()
+                );
+                api(&socket, "GET", "/v1/status", "").is_ok()
+            },
+        );
     }
 
     pub fn status(&self) -> serde_json::Value {
@@ -338,7 +361,8 @@ impl Daemon {
 pub fn pregenerate_identity(state_dir: &Path) -> String {
     std::fs::create_dir_all(state_dir).expect("create state dir");
     let key = IdentityKey::generate();
-    key.save(&state_dir.join("identity.pem")).expect("save identity");
+    key.save(&state_dir.join("identity.pem"))
+        .expect("save identity");
     public_key_text(&key.public())
 }
 
@@ -393,15 +417,25 @@ pub fn upgrade(socket: &Path, path: &str) -> Result<UnixStream, (u16, String)> {
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: h8\r\nConnection: Upgrade\r\nUpgrade: h8-stream\r\nContent-Length: 0\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).map_err(|e| (0, e.to_string()))?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| (0, e.to_string()))?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| (0, e.to_string()))?);
     let mut status_line = String::new();
-    reader.read_line(&mut status_line).map_err(|e| (0, e.to_string()))?;
-    let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    reader
+        .read_line(&mut status_line)
+        .map_err(|e| (0, e.to_string()))?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut content_length = 0usize;
     loop {
         let mut line = String::new();
-        reader.read_line(&mut line).map_err(|e| (status, e.to_string()))?;
+        reader
+            .read_line(&mut line)
+            .map_err(|e| (status, e.to_string()))?;
         if line == "\r\n" || line.is_empty() {
             break;
         }
@@ -418,7 +452,10 @@ pub fn upgrade(socket: &Path, path: &str) -> Result<UnixStream, (u16, String)> {
     }
     // The reader may have buffered bytes past the headers; nothing is sent
     // before the client writes, so its buffer is empty here.
-    assert!(reader.buffer().is_empty(), "unexpected bytes after the 101 response");
+    assert!(
+        reader.buffer().is_empty(),
+        "unexpected bytes after the 101 response"
+    );
     Ok(stream)
 }
 
@@ -442,7 +479,9 @@ pub fn echo_server() -> u16 {
 /// Writes `data` on the stream, half-closes, and reads everything back.
 pub fn round_trip(mut stream: UnixStream, data: &[u8]) -> Vec<u8> {
     stream.write_all(data).expect("write");
-    stream.shutdown(std::net::Shutdown::Write).expect("half-close");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
     let mut received = Vec::new();
     stream.read_to_end(&mut received).expect("read reply");
     received

@@ -29,7 +29,13 @@ pub fn node(root: &Path, name: &str) -> Node {
 
 /// Side-car config of `node` that pins `peers` and offers `services`
 /// (TOML text); `policy` is written to `local.toml` beside the config.
-pub fn sidecar_spec(root: &Path, node: &Node, peers: &[&Node], services: &str, policy: &str) -> DaemonSpec {
+pub fn sidecar_spec(
+    root: &Path,
+    node: &Node,
+    peers: &[&Node],
+    services: &str,
+    policy: &str,
+) -> DaemonSpec {
     let dir = root.join(&node.name);
     std::fs::create_dir_all(&dir).expect("create node dir");
     std::fs::write(dir.join("local.toml"), policy).expect("write local policy");
@@ -49,7 +55,10 @@ pub fn sidecar_spec(root: &Path, node: &Node, peers: &[&Node], services: &str, p
 /// Local policy text allowing `from` to open `services`.
 pub fn allow(from: &str, services: &[&str]) -> String {
     let list: Vec<String> = services.iter().map(|s| format!("\"{s}\"")).collect();
-    format!("[[allow]]\nfrom = \"{from}\"\nservices = [{}]\n", list.join(", "))
+    format!(
+        "[[allow]]\nfrom = \"{from}\"\nservices = [{}]\n",
+        list.join(", ")
+    )
 }
 
 /// Starts a side-car daemon through the common harness.
