@@ -180,7 +180,7 @@ fn stream_check(c: &mut Criterion) {
             let mut decoder = FrameDecoder::default();
             decoder.push(&frame);
             decoder
-                .next::<StreamHeader>()
+                .next_message::<StreamHeader>()
                 .expect("valid")
                 .expect("complete")
         })
@@ -197,7 +197,7 @@ fn stream_check(c: &mut Criterion) {
             let mut decoder = FrameDecoder::default();
             decoder.push(&bytes);
             decoder
-                .next::<HandshakeFrame>()
+                .next_message::<HandshakeFrame>()
                 .expect("valid")
                 .expect("complete")
         })

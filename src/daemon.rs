@@ -136,6 +136,9 @@ pub struct PeerStatus {
 /// A pending incoming stream for a service whose target is `accept`.
 pub type AcceptQueue = mpsc::Sender<IncomingStream>;
 
+/// Both ends of a service's accept queue; local callers take turns on the receiver.
+pub type AcceptQueuePair = (AcceptQueue, Arc<Mutex<mpsc::Receiver<IncomingStream>>>);
+
 /// State shared by every task of one daemon.
 pub struct Shared {
     /// Current configuration; replaced on reload.
@@ -153,7 +156,7 @@ pub struct Shared {
     /// Per-peer status.
     pub peer_status: DashMap<String, PeerStatus>,
     /// Queues of incoming streams for `accept` services, by service name.
-    pub accept_queues: DashMap<String, (AcceptQueue, Arc<Mutex<mpsc::Receiver<IncomingStream>>>)>,
+    pub accept_queues: DashMap<String, AcceptQueuePair>,
     /// Limits handshakes in progress.
     pub(crate) handshake_permits: Arc<Semaphore>,
     /// Session state.

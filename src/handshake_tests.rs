@@ -204,8 +204,7 @@ fn wrong_peer_is_rejected_by_client() {
         .expect("server accepts");
     let err = initiator
         .handle_server_hello(&body(&server_hello), NOW)
-        .err()
-        .expect("client rejects");
+        .expect_err("client rejects");
     assert_eq!(err.code, RejectCode::WrongPeer);
 }
 

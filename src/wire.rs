@@ -343,7 +343,7 @@ impl FrameDecoder {
     }
 
     /// Returns and decodes the next complete frame.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         match self.next_body()? {
             Some(body) => decode_body(&body).map(Some),
             None => Ok(None),
@@ -370,11 +370,11 @@ mod tests {
         });
         let mut decoder = FrameDecoder::default();
         decoder.push(&frame[..3]);
-        assert_eq!(decoder.next::<StreamOpen>(), Ok(None));
+        assert_eq!(decoder.next_message::<StreamOpen>(), Ok(None));
         decoder.push(&frame[3..]);
         decoder.push(b"payload");
         let open = decoder
-            .next::<StreamOpen>()
+            .next_message::<StreamOpen>()
             .expect("valid")
             .expect("complete");
         assert_eq!(open.service, "orders");
@@ -418,14 +418,14 @@ mod tests {
             });
             let mut decoder = FrameDecoder::default();
             decoder.push(&encode(&frame));
-            prop_assert_eq!(decoder.next::<HandshakeFrame>().expect("valid"), Some(frame));
+            prop_assert_eq!(decoder.next_message::<HandshakeFrame>().expect("valid"), Some(frame));
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let mut decoder = FrameDecoder::default();
             decoder.push(&bytes);
-            let _ = decoder.next::<HandshakeFrame>();
+            let _ = decoder.next_message::<HandshakeFrame>();
             let _ = decode_body::<StreamOpen>(&bytes);
             let _ = decode_body::<StreamHeader>(&bytes);
             let _ = decode_body::<StreamReply>(&bytes);
