@@ -185,6 +185,14 @@ const ROWS: &[Row] = &[
         target: None,
     },
     Row {
+        name: "stream open through the API until 101, p50",
+        unit: "us",
+        key: "upgrade_h8_p50",
+        baseline: "",
+        baseline_key: None,
+        target: None,
+    },
+    Row {
         name: "stream open + 1-byte echo on a live connection, p99",
         unit: "us",
         key: "open_h8_p99",

@@ -141,12 +141,16 @@ pub async fn open_latency(
     let count = parameters.latency_samples;
 
     let mut samples = Vec::with_capacity(count);
+    let mut upgrades = Vec::with_capacity(count);
     for _ in 0..count {
         let start = Instant::now();
-        h8_open_and_echo(cluster).await?;
+        let mut stream = h8_connect(&cluster.socket_a, "server-b", "echo").await?;
+        upgrades.push(start.elapsed());
+        echo_byte(&mut stream).await?;
         samples.push(start.elapsed());
     }
     insert_percentiles(values, "open_h8", &mut samples);
+    insert_percentiles(values, "upgrade_h8", &mut upgrades);
 
     samples.clear();
     for _ in 0..count {
