@@ -20,6 +20,7 @@ pub mod session;
 pub mod sidecar;
 mod streams;
 pub mod tls;
+mod token_update;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -120,6 +121,15 @@ pub struct Metrics {
     pub bytes_sent: AtomicU64,
     /// Bytes received from peers on streams.
     pub bytes_received: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds the bytes of a finished stream to the byte counters.
+    pub fn record_pipe(&self, stats: &pipe::PipeStats) {
+        self.bytes_sent.fetch_add(stats.sent, Ordering::Relaxed);
+        self.bytes_received
+            .fetch_add(stats.received, Ordering::Relaxed);
+    }
 }
 
 /// Per-peer bookkeeping shown by `h8 peers`.
@@ -283,7 +293,7 @@ impl Daemon {
     /// Sends this daemon's current token to every connected peer; called
     /// after a refresh or rotation.
     pub async fn push_token_update(&self) {
-        streams::push_token_update(self).await;
+        token_update::push(self).await;
     }
 
     /// Pipes a stream to a local byte stream until both directions end,
