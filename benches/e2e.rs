@@ -25,7 +25,7 @@ use anyhow::{bail, Context as _};
 
 use crate::measure::median;
 
-/// Sizes and counts of one run; `--quick` shrinks them.
+/// Sizes and counts of one run, smaller with `--quick`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Parameters {
     pub quick: bool,

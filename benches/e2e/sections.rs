@@ -224,7 +224,7 @@ pub async fn new_connections(
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             // Worker w dials as identities w, w + 32, ...: no two workers
-            // share an identity, so server-b never sees a duplicate race.
+            // share an identity, so server-b gets no simultaneous duplicates.
             for round in 0..per_worker {
                 let connection = client.connect(worker + WORKERS * (round % 4)).await?;
                 connection.open_and_echo("echo").await?;
