@@ -234,15 +234,15 @@ struct RawConfig {
     #[serde(default = "default_grace")]
     shutdown_grace_secs: u64,
     #[serde(default = "default_log_level")]
-    log_level: String,
+    log_level: Spanned<String>,
 }
 
 fn default_grace() -> u64 {
     10
 }
 
-fn default_log_level() -> String {
-    "info".to_owned()
+fn default_log_level() -> Spanned<String> {
+    Spanned::new(0..0, "info".to_owned())
 }
 
 #[derive(Deserialize)]
@@ -402,6 +402,15 @@ impl DaemonConfig {
         };
 
         check_name(&raw.name, "resource server name")?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(raw.log_level.get_ref()) {
+            return Err(error(
+                raw.log_level.span(),
+                format!(
+                    "invalid log_level {:?}: {e}; use a level such as \"info\" or directives such as \"h8=debug,info\"",
+                    raw.log_level.get_ref()
+                ),
+            ));
+        }
         let listen: SocketAddr = raw.listen.get_ref().parse().map_err(|_| {
             error(
                 raw.listen.span(),
@@ -458,7 +467,7 @@ impl DaemonConfig {
                     application: ts.application.into_inner(),
                     issuer: ts.issuer,
                     signing_keys,
-                    enrollment_code_file: ts.enrollment_code_file,
+                    enrollment_code_file: ts.enrollment_code_file.map(|file| resolve(path, &file)),
                     revocation_poll_secs: ts.revocation_poll_secs.max(1),
                     leeway_secs: ts.leeway_secs,
                 })
@@ -638,7 +647,7 @@ impl DaemonConfig {
             services,
             forwards,
             shutdown_grace_secs: raw.shutdown_grace_secs,
-            log_level: raw.log_level,
+            log_level: raw.log_level.into_inner(),
         })
     }
 

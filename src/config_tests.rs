@@ -78,3 +78,23 @@ fn invalid_pin_is_rejected() {
     assert!(err.message.contains("tls_pin"), "{err}");
     assert_eq!(err.line, 8, "{err}");
 }
+
+#[test]
+fn invalid_log_level_is_rejected() {
+    let text = token_config("").replace("mode = ", "log_level = \"h8=[[[bogus\"\nmode = ");
+    let err = parse(&text).unwrap_err();
+    assert!(err.message.contains("invalid log_level"), "{err}");
+    assert_eq!(err.line, 4, "{err}");
+}
+
+#[test]
+fn enrollment_code_file_is_relative_to_config() {
+    let config = parse(&token_config("enrollment_code_file = \"code\"\n")).expect("valid");
+    let ModeConfig::TokenServer(token_server) = config.mode else {
+        panic!("token-server mode expected");
+    };
+    assert_eq!(
+        token_server.enrollment_code_file,
+        Some(PathBuf::from("/etc/h8/code"))
+    );
+}

@@ -56,7 +56,9 @@ impl SourceError {
 
     /// Converts a TOML parse or type error, keeping its position.
     pub fn from_toml(file: &Path, text: &str, error: &toml::de::Error) -> Self {
-        Self::at_span(file, text, error.span(), error.message().trim_end())
+        // toml's messages can span lines; keep each error on one log line.
+        let message = error.message().trim_end().replace('\n', " ");
+        Self::at_span(file, text, error.span(), message)
     }
 }
 

@@ -351,3 +351,40 @@ fn simultaneous_connects_end_with_one_connection() {
     assert_eq!(quic_connections(a), 1.0);
     assert_eq!(quic_connections(b), 1.0);
 }
+
+#[test]
+fn enrollment_code_file_must_be_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = TokenServer::start(&root.path().join("tokend"), POLICY, "");
+    let mut spec = Daemon::token_server_config("server-a", free_udp_port(), &server, "inventory");
+    spec.mode
+        .push_str("enrollment_code_file = \"enrollment-code\"\n");
+    let dir = root.path().join("server-a");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let code_file = dir.join("enrollment-code");
+    std::fs::write(&code_file, server.enrollment_code("server-a")).expect("write code");
+
+    // A code file others can read is rejected with the fix in the message.
+    std::fs::set_permissions(&code_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = dir.join("h8d.toml");
+    std::fs::write(&config, Daemon::render(&spec, &dir)).expect("config");
+    let output = std::process::Command::new(H8D)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("run h8d");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    assert!(
+        stderr.contains(&code_file.display().to_string()),
+        "{stderr}"
+    );
+
+    // The same file with mode 0600, named relative to the config, enrolls the daemon.
+    std::fs::set_permissions(&code_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let daemon = Daemon::start(root.path(), &spec, None);
+    assert_eq!(daemon.status()["session_state"], "active");
+}

@@ -34,8 +34,8 @@ const COVERED: &[(&str, &str)] = &[
         "tests/local_api_streams.rs h8_connect_moves_64_mib",
     ),
     (
-        "echo CODE > /etc/h8/enrollment-code",
-        "tests/daemon_token_mode.rs passes the code the same way through H8_ENROLLMENT_CODE",
+        "install -m 0600 -o h8 -g h8 /dev/null",
+        "tests/daemon_token_mode.rs enrollment_code_file_must_be_private",
     ),
     (
         "systemctl enable --now",

@@ -306,9 +306,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         demo.dir.display(),
         demo.dir.display()
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")?;
+    // Ctrl-C, `kill` and a closed terminal all end the demo with a clean-up.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot wait for SIGTERM")?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot wait for SIGHUP")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot wait for Ctrl-C")?,
+        _ = terminate.recv() => {}
+        _ = hangup.recv() => {}
+    }
     println!("stopping the demo and removing {}", demo.dir.display());
     Ok(())
 }

@@ -85,9 +85,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             _ = hangup.recv() => {
                 info!("SIGHUP received, reloading the configuration");
                 crate::systemd::reloading();
-                if let Err(e) = reload(&daemon).await {
-                    warn!(error = %format!("{e:#}"), "reload failed; keeping the running configuration");
-                }
+                // A failed reload is logged by `reload` itself.
+                let _ = reload(&daemon).await;
                 crate::systemd::reloaded(&daemon.session_state().status_text());
             }
         }
@@ -128,15 +127,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 }
 
 /// Re-reads the config (and side-car policy); applies it only if valid.
+/// A rejected reload is logged once here, and the running configuration stays.
 pub async fn reload(daemon: &Daemon) -> anyhow::Result<()> {
+    let result = apply_reload(daemon);
+    if let Err(e) = &result {
+        error!(error = %format!("{e:#}"), "configuration reload rejected; keeping the running configuration");
+    }
+    result
+}
+
+fn apply_reload(daemon: &Daemon) -> anyhow::Result<()> {
     let path = daemon.config().path.clone();
-    let config = match check_config(&path) {
-        Ok(config) => config,
-        Err(e) => {
-            error!(error = %e, "configuration reload rejected");
-            return Err(e);
-        }
-    };
+    let config = check_config(&path)?;
     let old = daemon.config();
     if config.name != old.name || config.listen != old.listen || config.state_dir != old.state_dir {
         anyhow::bail!(

@@ -415,7 +415,11 @@ impl Session {
                         next_refresh = tokio::time::Instant::now() + self.refresh_delay();
                     }
                     Err(error) => {
-                        warn!(%error, retry_secs = retry.as_secs(), "client token refresh failed; keeping the current token");
+                        if self.daemon.shared.credentials.current().is_some() {
+                            warn!(%error, retry_secs = retry.as_secs(), "client token refresh failed; keeping the current token");
+                        } else {
+                            warn!(%error, retry_secs = retry.as_secs(), "fetching the first client token failed; retrying");
+                        }
                         self.mark_unreachable(&error);
                         next_refresh = tokio::time::Instant::now() + retry;
                         retry = (retry * 2).min(MAX_RETRY);

@@ -103,9 +103,17 @@ fn reject_status(code: RejectCode) -> (StatusCode, &'static str) {
             "a token is expired or not yet valid; check the clocks of both hosts and \
              whether h8d can reach its token server (h8 status)",
         ),
-        RejectCode::NotPinned | RejectCode::WrongPeer | RejectCode::KeyMismatch => (
+        RejectCode::NotPinned => (
             StatusCode::FORBIDDEN,
-            "the keys do not match; check public_key in [[peers]] on both daemons",
+            "the peer's key is not pinned; check public_key in [[peers]] on both daemons",
+        ),
+        RejectCode::WrongPeer => (
+            StatusCode::FORBIDDEN,
+            "the daemons do not list each other; add each to the other's [[peers]] with the right address",
+        ),
+        RejectCode::KeyMismatch => (
+            StatusCode::FORBIDDEN,
+            "the peer's token names another key than its certificate; the token may be copied from another daemon",
         ),
         RejectCode::InvalidToken
         | RejectCode::UnknownSigningKey

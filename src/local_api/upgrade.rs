@@ -97,6 +97,25 @@ fn spawn_pipe<G: Send + 'static>(
     });
 }
 
+/// Rejects a peer or service name that no config could contain, before it
+/// reaches a log line: names from the URL are caller input.
+fn invalid_name(kind: &str, name: &str) -> Option<Response> {
+    if crate::policy::valid_name(name) && name != "*" {
+        return None;
+    }
+    let shown: String = name.chars().take(64).collect();
+    Some(
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_name",
+            format!(
+                "{kind} name {shown:?} is invalid; names are 1 to 128 ASCII letters, digits, '-', '_' or '.'"
+            ),
+        )
+        .into_response(),
+    )
+}
+
 /// `POST /v1/connect/{peer}/{service}`.
 pub(super) async fn connect(
     State(daemon): State<Daemon>,
@@ -105,6 +124,11 @@ pub(super) async fn connect(
 ) -> Response {
     if !wants_upgrade(request.headers()) {
         return missing_upgrade(request.uri().path()).into_response();
+    }
+    if let Some(response) =
+        invalid_name("peer", &peer).or_else(|| invalid_name("service", &service))
+    {
+        return response;
     }
     let stream_name = format!("service {service:?} on peer {peer:?}");
     let opened = match daemon.open_stream(&peer, &service).await {
@@ -139,6 +163,9 @@ pub(super) async fn accept(
 ) -> Response {
     if !wants_upgrade(request.headers()) {
         return missing_upgrade(request.uri().path()).into_response();
+    }
+    if let Some(response) = invalid_name("service", &service) {
+        return response;
     }
     let timeout_secs = match query {
         Ok(Query(query)) => query.timeout_secs.unwrap_or(DEFAULT_ACCEPT_TIMEOUT_SECS),

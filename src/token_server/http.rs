@@ -32,6 +32,8 @@ pub const MAX_CONNECTIONS: usize = 1024;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Maximum lifetime of one client connection, requests and bodies included.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Returns the current time in seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
@@ -237,13 +239,17 @@ pub async fn serve_connection<I>(io: I, router: Router)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let result = hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(router))
-        .await;
-    if let Err(error) = result {
-        tracing::debug!(%error, "connection ended with an error");
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(router));
+    // Clients make one short request per connection. Bounding the whole
+    // connection also bounds a body sent a byte at a time, which the header
+    // timeout alone does not.
+    match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(%error, "connection ended with an error"),
+        Err(_) => tracing::debug!("connection closed after {CONNECTION_TIMEOUT:?}"),
     }
 }
 

@@ -219,9 +219,9 @@ pub trait Store: Send {
     /// Looks up an enrolled resource server.
     fn server(&mut self, name: &str) -> Result<Option<ServerRecord>, StoreError>;
 
-    /// Stores a session challenge after dropping expired ones. Returns
-    /// `false` without storing it when `name` already has `max_live` live
-    /// challenges.
+    /// Stores a session challenge after dropping expired ones. When `name`
+    /// already has `max_live` live challenges, the oldest are dropped to make
+    /// room, and the result is `true`.
     fn insert_challenge(
         &mut self,
         challenge: &[u8; 32],

@@ -145,23 +145,19 @@ impl Service {
         let mut challenge = [0u8; 32];
         OsRng.fill_bytes(&mut challenge);
         let expires_at = now.saturating_add(self.lifetimes.challenge);
-        // NOTE: the cap bounds storage, but anyone who has an enrolled
-        // name can hold it at the cap and so delay that server's sessions.
-        if !store.insert_challenge(
+        // The cap bounds storage. A new challenge evicts the oldest rather
+        // than being refused, so a third party requesting challenges for a
+        // name cannot lock its daemon out of sessions; at worst it races the
+        // daemon's own challenge, which the daemon then requests again.
+        let evicted = store.insert_challenge(
             &challenge,
             &request.name,
             expires_at,
             now,
             MAX_LIVE_CHALLENGES,
-        )? {
-            return Err(ServiceError::new(
-                ErrorKind::TooManyRequests,
-                "too_many_challenges",
-                format!(
-                    "{:?} already has {MAX_LIVE_CHALLENGES} unused challenges; use one or retry after {} seconds",
-                    request.name, self.lifetimes.challenge
-                ),
-            ));
+        )?;
+        if evicted {
+            tracing::debug!(server = %request.name, "evicted the oldest unused session challenge");
         }
         Ok(ChallengeResponse {
             challenge: base64::Engine::encode(

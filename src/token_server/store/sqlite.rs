@@ -346,16 +346,20 @@ impl Store for SqliteStore {
             [name],
             |row| row.get(0),
         )?;
-        if uint(live) >= max_live {
-            tx.commit()?;
-            return Ok(false);
+        let evict = (uint(live) + 1).saturating_sub(max_live.max(1));
+        if evict > 0 {
+            tx.execute(
+                "DELETE FROM challenges WHERE challenge IN \
+                 (SELECT challenge FROM challenges WHERE name = ?1 ORDER BY expires_at LIMIT ?2)",
+                params![name, int(evict)],
+            )?;
         }
         tx.execute(
             "INSERT INTO challenges (challenge, name, expires_at) VALUES (?1, ?2, ?3)",
             params![&challenge[..], name, int(expires_at)],
         )?;
         tx.commit()?;
-        Ok(true)
+        Ok(evict > 0)
     }
 
     fn take_challenge(

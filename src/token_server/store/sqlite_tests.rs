@@ -68,26 +68,32 @@ fn enrollment_code_is_single_use() {
 }
 
 #[test]
-fn challenge_is_taken_once_and_capped() {
+fn challenge_is_taken_once_and_evicts_oldest() {
     let (_dir, mut store) = open();
-    assert!(store
+    assert!(!store
         .insert_challenge(&[1; 32], "server-a", 200, 100, 2)
         .expect("insert"));
-    assert!(store
+    assert!(!store
         .insert_challenge(&[2; 32], "server-a", 200, 100, 2)
         .expect("insert"));
-    assert!(!store
-        .insert_challenge(&[3; 32], "server-a", 200, 100, 2)
-        .expect("insert"));
-
-    let taken = store.take_challenge(&[1; 32]).expect("take");
-    assert_eq!(taken, Some(("server-a".to_owned(), 200)));
-    assert_eq!(store.take_challenge(&[1; 32]).expect("take again"), None);
-
-    // Expired challenges no longer count against the cap.
+    // At the cap the oldest challenge makes room for the new one.
     assert!(store
+        .insert_challenge(&[3; 32], "server-a", 201, 100, 2)
+        .expect("insert"));
+    assert_eq!(store.take_challenge(&[1; 32]).expect("take evicted"), None);
+
+    let taken = store.take_challenge(&[2; 32]).expect("take");
+    assert_eq!(taken, Some(("server-a".to_owned(), 200)));
+    assert_eq!(store.take_challenge(&[2; 32]).expect("take again"), None);
+
+    // Expired challenges no longer count against the cap: nothing is evicted.
+    assert!(!store
         .insert_challenge(&[4; 32], "server-a", 400, 300, 1)
         .expect("insert"));
+    assert_eq!(
+        store.take_challenge(&[4; 32]).expect("take"),
+        Some(("server-a".to_owned(), 400))
+    );
 }
 
 #[test]
