@@ -88,6 +88,7 @@ fn parse_options() -> anyhow::Result<Options> {
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/h8-bench.json"),
     };
     let mut args = std::env::args().skip(1);
+    let mut benchmarking = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => options.quick = true,
@@ -101,9 +102,18 @@ fn parse_options() -> anyhow::Result<Options> {
             }
             "--out" => options.out = args.next().context("--out needs a path")?.into(),
             // `cargo bench` passes --bench to every bench target.
-            "--bench" => {}
+            "--bench" => benchmarking = true,
             other => bail!("unknown argument {other:?}; use --quick, --runs N or --out PATH"),
         }
+    }
+    // `cargo test --all-targets` runs this target without --bench: a quick
+    // run with the unoptimized build proves the harness works, and its
+    // figures go to a separate file so they cannot be mistaken for a record.
+    if !benchmarking {
+        options.quick = true;
+        options.out =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/h8-bench-test-mode.json");
+        println!("test mode (no --bench): quick run, figures are not a measurement");
     }
     Ok(options)
 }
