@@ -8,7 +8,7 @@ const CI: &str = include_str!("../.ci/run");
 /// Command prefixes and what runs each.
 const COVERED: &[(&str, &str)] = &[
     ("cargo build --release", "scripts/demo, run by .ci/run"),
-    ("cargo install --path .", ".ci/run"),
+    ("cargo install --locked --path .", ".ci/run"),
     ("bash scripts/demo", ".ci/run (with --once)"),
     ("bash scripts/test", ".ci/run"),
     ("bash .ci/run", "CI itself"),
@@ -88,7 +88,7 @@ fn ci_runs_readme_test_command() {
         ".ci/run must run the demo"
     );
     assert!(
-        CI.contains("cargo install --path ."),
+        CI.contains("cargo install --locked --path ."),
         ".ci/run must run the README's install command"
     );
 }
