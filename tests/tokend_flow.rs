@@ -617,6 +617,21 @@ fn insecure_key_permissions_stop_startup() {
 }
 
 #[test]
+fn open_data_dir_stops_startup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    Server::init(dir.path());
+    fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
+    let data = Server::data_dir(dir.path());
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    let mut child = Server::spawn(dir.path());
+    let status = child.wait().expect("wait");
+    let log = fs::read_to_string(dir.path().join("tokend.log")).expect("log");
+    assert!(!status.success());
+    assert!(log.contains("chmod 700"), "{log}");
+}
+
+#[test]
 fn init_refuses_existing_data_dir() {
     let dir = tempfile::tempdir().expect("tempdir");
     Server::init(dir.path());

@@ -64,6 +64,22 @@ pub fn reload_policy(service: &Service, path: &Path) -> Result<usize, ServiceErr
     Ok(count)
 }
 
+/// Rejects a data directory that group or others may enter: it holds the
+/// database with sessions and enrollment-code hashes next to the keys.
+fn check_private_directory(root: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let mode = std::fs::metadata(root)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} has mode {mode:o}, open to group or others; run `chmod 700 {}` and start again",
+            root.display(),
+            root.display()
+        );
+    }
+    Ok(())
+}
+
 /// Opens the data directory and builds the service.
 pub fn open_service(config: &Config) -> anyhow::Result<Service> {
     let data_dir = DataDir::new(&config.data_dir);
@@ -74,6 +90,7 @@ pub fn open_service(config: &Config) -> anyhow::Result<Service> {
             data_dir.root().display()
         );
     }
+    check_private_directory(data_dir.root())?;
     let mut store = SqliteStore::open(&data_dir.database_path())?;
     let signing_key = data_dir.load_signing_key(&mut store)?;
     let key_id = KeyId::of(&signing_key.public()).to_string();
