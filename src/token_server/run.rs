@@ -66,7 +66,7 @@ pub fn reload_policy(service: &Service, path: &Path) -> Result<usize, ServiceErr
 
 /// Rejects a data directory that group or others may enter: it holds the
 /// database with sessions and enrollment-code hashes next to the keys.
-fn check_private_directory(root: &std::path::Path) -> anyhow::Result<()> {
+fn check_private_directory(root: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
 
     let mode = std::fs::metadata(root)?.permissions().mode() & 0o777;
