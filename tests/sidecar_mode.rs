@@ -95,9 +95,22 @@ impl Setup {
 }
 
 /// Rewrites a running daemon's config from `spec` and sends SIGHUP.
+/// Rewrites the config, sends SIGHUP and waits until the daemon has
+/// applied or rejected it, so later checks cannot race the reload.
 fn reload(daemon: &Daemon, spec: &DaemonSpec) {
+    let outcomes = |daemon: &Daemon| {
+        let log = daemon.process.log_text();
+        log.matches("configuration reloaded").count()
+            + log.matches("configuration reload rejected").count()
+    };
+    let before = outcomes(daemon);
     std::fs::write(&daemon.config, Daemon::render(spec, &daemon.dir)).expect("write config");
     daemon.process.signal("HUP");
+    wait_for(
+        "the daemon to finish the reload",
+        Duration::from_secs(10),
+        || outcomes(daemon) > before,
+    );
 }
 
 fn allow(from: &str, services: &[&str]) -> String {
