@@ -56,7 +56,7 @@ pub enum ModeConfig {
     Sidecar(SidecarConfig),
 }
 
-/// How the daemon reaches and trusts its token server.
+/// Token server address, TLS pin and trust settings.
 #[derive(Clone, Debug)]
 pub struct TokenServerConfig {
     /// Base URL, `https://host:port`.
@@ -103,7 +103,7 @@ pub struct AuthorizerConfig {
     pub fallback: Fallback,
 }
 
-/// What to do when the external authorizer is unavailable.
+/// Decision used when the external authorizer is unavailable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fallback {
@@ -154,7 +154,7 @@ pub struct PeerConfig {
     pub public_key: Option<VerifyingKey>,
 }
 
-/// Where incoming streams for a service go.
+/// Destination of a service's incoming streams.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     /// Connect to a Unix socket.
@@ -165,7 +165,7 @@ pub enum Target {
     Accept,
 }
 
-/// How the caller's identity reaches the backend.
+/// Form in which the caller's identity reaches the backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum IdentityHeader {
@@ -184,13 +184,13 @@ pub enum IdentityHeader {
 pub struct ServiceConfig {
     /// Service name.
     pub name: String,
-    /// Where its streams go.
+    /// Destination of its streams.
     pub target: Target,
-    /// How the caller's identity is passed on.
+    /// Form in which the caller's identity is passed on.
     pub identity: IdentityHeader,
 }
 
-/// Where a forward listens.
+/// Listening address of a forward.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenAddress {
     /// A Unix socket path.
@@ -202,7 +202,7 @@ pub enum ListenAddress {
 /// A local listener whose connections are piped to a peer's service.
 #[derive(Clone, Debug)]
 pub struct ForwardConfig {
-    /// Where to listen.
+    /// Listening address.
     pub listen: ListenAddress,
     /// Peer to reach.
     pub peer: String,

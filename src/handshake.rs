@@ -50,7 +50,7 @@ const KEY_CONTEXT: &[u8] = b"h8 confirmation keys v1\0";
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// How this daemon verifies the peer's token.
+/// Trust anchor for verifying the peer's token.
 #[derive(Clone, Debug)]
 pub enum Trust {
     /// Client tokens from a token server whose signing keys are known.
@@ -128,7 +128,7 @@ pub fn token_reject(error: TokenError) -> Reject {
     Reject::new(code, error.to_string())
 }
 
-/// What one daemon brings to a handshake.
+/// One daemon's name, identity key and token for a handshake.
 #[derive(Clone)]
 pub struct LocalIdentity {
     /// This daemon's resource server name.
@@ -548,12 +548,12 @@ impl ResponderAwaitingFinish {
     }
 }
 
-/// The frame that tells the client the handshake succeeded.
+/// Encodes the frame that reports a successful handshake to the client.
 pub fn done_frame() -> Vec<u8> {
     wire::encode(&HandshakeFrame::Done)
 }
 
-/// The frame that tells the peer why the handshake failed.
+/// Encodes the frame that reports a failed handshake and its reason to the peer.
 pub fn reject_frame(reject: &Reject) -> Vec<u8> {
     wire::encode(&HandshakeFrame::Reject(reject.clone()))
 }

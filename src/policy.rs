@@ -32,7 +32,7 @@ pub struct Rule {
     pub to: String,
     /// Services the caller may open on the callee; `*` is every service.
     pub services: Vec<String>,
-    /// Where the rule was written, as `file:line`, for explanations.
+    /// Source location of the rule, as `file:line`, for explanations.
     pub origin: String,
 }
 
@@ -156,7 +156,7 @@ pub struct Policy {
     pub applications: BTreeMap<String, Application>,
 }
 
-/// Why a client token was not issued.
+/// Reason a client token was not issued.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyDenial {
     /// The resource application is not in the policy.

@@ -65,7 +65,7 @@ impl fmt::Debug for KeyId {
     }
 }
 
-/// Who signed a token.
+/// Signer of a token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TokenKind {
     /// Signed by a token server for a session.
@@ -198,7 +198,7 @@ struct Envelope {
     signature: Vec<u8>,
 }
 
-/// Why a token was rejected. Each variant names one failed check.
+/// Token rejection reason. Each variant names one failed check.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     /// The encoded token exceeds [`MAX_TOKEN_LEN`].
@@ -309,7 +309,7 @@ impl KeySet {
     }
 }
 
-/// What a verifier requires of a token besides a valid signature.
+/// Requirements a verifier applies to a token besides a valid signature.
 #[derive(Clone, Debug)]
 pub struct Validation {
     /// Required kind.

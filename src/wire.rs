@@ -17,7 +17,7 @@ pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Maximum length in bytes of a reason string in a rejection.
 pub const MAX_REASON_LEN: usize = 512;
 
-/// How the sender's identity is vouched for.
+/// Trust model that vouches for the sender's identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {
     /// Client tokens signed by a token server.
@@ -82,7 +82,7 @@ pub struct ClientFinish {
     pub confirm: [u8; 32],
 }
 
-/// Why a handshake or a stream was rejected, as sent on the wire.
+/// Reason code of a rejected handshake or stream, as sent on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum RejectCode {

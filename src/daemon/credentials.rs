@@ -21,9 +21,9 @@ pub struct Credentials {
     pub token: Vec<u8>,
     /// Claims of that token.
     pub claims: Claims,
-    /// How peers' tokens are verified.
+    /// Trust used to verify peers' tokens.
     pub trust: Trust,
-    /// How incoming streams are authorized.
+    /// Authority that decides incoming streams.
     pub authority: StreamAuthority,
 }
 

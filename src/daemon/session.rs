@@ -26,7 +26,7 @@ use crate::token_server::client::{ClientError, TokenServerClient};
 
 /// File name of the saved session inside the state directory.
 pub const SESSION_FILE: &str = "session.json";
-/// Longest wait between retries while the token server is unreachable.
+/// Maximum wait between retries while the token server is unreachable.
 const MAX_RETRY: Duration = Duration::from_secs(60);
 /// Shortest wait between refreshes, so a short-lived token cannot cause a busy loop.
 const MIN_REFRESH: Duration = Duration::from_secs(1);

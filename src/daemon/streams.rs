@@ -18,7 +18,7 @@ use crate::wire::{self, Reject, RejectCode, StreamHeader, StreamOpen, StreamRepl
 /// Maximum size of a stream open or reply frame.
 pub(super) const MAX_OPEN_FRAME_LEN: usize = 1024;
 
-/// Why a stream could not be opened.
+/// Failure to open a stream.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum OpenError {
     /// The peer is not in the config.
@@ -48,7 +48,7 @@ pub struct OpenedStream {
     pub send: quinn::SendStream,
     /// Receiving half.
     pub recv: quinn::RecvStream,
-    /// Who accepted it.
+    /// Daemon that accepted it.
     pub peer: PeerIdentity,
     /// Keeps the connection's open-stream count while the stream lives.
     pub guard: StreamGuard,
