@@ -320,8 +320,9 @@ pub async fn stream_rates(
 
 /// Enrolled resource servers with open sessions, for token requests.
 pub struct TokenClients {
-    client: Arc<TokenServerClient>,
-    servers: Vec<(String, SigningKey)>,
+    /// Each server's client (as each daemon has its own), source
+    /// identifier and key.
+    servers: Vec<(TokenServerClient, String, SigningKey)>,
 }
 
 impl TokenClients {
@@ -337,12 +338,10 @@ impl TokenClients {
             let code = admin.enroll(&name, None).await?.enrollment_code;
             client.enroll(&name, &code, &key.public()).await?;
             let session = client.open_session(&name, key.signing_key()).await?;
-            servers.push((session.source_id, key.signing_key().clone()));
+            let own = TokenServerClient::new(&ready.listen, &ready.tls_pin)?;
+            servers.push((own, session.source_id, key.signing_key().clone()));
         }
-        Ok(TokenClients {
-            client: Arc::new(client),
-            servers,
-        })
+        Ok(TokenClients { servers })
     }
 }
 
@@ -357,8 +356,7 @@ pub async fn token_issuance(
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(parameters.rate_seconds);
     let mut tasks = Vec::new();
-    for (source_id, key) in tokens.servers.clone() {
-        let client = tokens.client.clone();
+    for (client, source_id, key) in tokens.servers.clone() {
         let issued = issued.clone();
         tasks.push(tokio::spawn(async move {
             while Instant::now() < deadline {

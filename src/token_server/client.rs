@@ -5,11 +5,13 @@
 //! DER certificate>` as printed by `h8-tokend init`. Host names and CAs play
 //! no part. [`AdminClient`] speaks to the admin API over its Unix socket.
 //!
-//! Each request opens its own HTTP/1.1 connection: the callers (a daemon
-//! refreshing tokens, an operator's CLI) send a few requests a minute.
+//! [`TokenServerClient`] keeps up to [`MAX_IDLE_CONNECTIONS`] idle HTTP/1.1
+//! connections and reuses them, so a burst of requests pays for one TLS
+//! handshake per connection rather than one per request. [`AdminClient`]
+//! opens a connection per request: an operator sends a few.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
@@ -43,6 +45,15 @@ use crate::token::{KeyId, KeySet};
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// Time limit on one request, connection set-up included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle connections that one [`TokenServerClient`] (and its clones) keeps.
+pub const MAX_IDLE_CONNECTIONS: usize = 8;
+
+/// Idle time after which the client drops a connection instead of reusing
+/// it: below the server's idle limit, so a reused connection is rarely
+/// closed under a request.
+const MAX_IDLE_TIME: Duration = Duration::from_secs(5);
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// Error from a client request.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +195,7 @@ pub struct TokenServerClient {
     address: String,
     host: String,
     connector: TlsConnector,
+    idle: Arc<std::sync::Mutex<Vec<(Sender, std::time::Instant)>>>,
 }
 
 impl std::fmt::Debug for TokenServerClient {
@@ -225,7 +237,60 @@ impl TokenServerClient {
             address,
             host,
             connector: TlsConnector::from(Arc::new(config)),
+            idle: Arc::default(),
         })
+    }
+
+    /// Opens a new TLS connection and its HTTP/1.1 sender.
+    async fn connect(&self) -> Result<Sender, ClientError> {
+        let tcp = TcpStream::connect(&self.address)
+            .await
+            .map_err(|source| ClientError::Connect {
+                address: self.address.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        // The name only fills SNI: the verifier checks the pin, not names.
+        let name = ServerName::try_from(self.host.clone())
+            .or_else(|_| ServerName::try_from("localhost".to_owned()))
+            .map_err(|e| ClientError::InvalidArgument(format!("invalid TLS server name: {e}")))?;
+        let tls = self
+            .connector
+            .connect(name, tcp)
+            .await
+            .map_err(|source| ClientError::Tls {
+                address: self.address.clone(),
+                source,
+            })?;
+        handshake(tls).await
+    }
+
+    /// Takes an idle connection that is still open, if there is one.
+    async fn take_idle(&self) -> Option<Sender> {
+        loop {
+            let (mut sender, since) = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop()?;
+            if since.elapsed() < MAX_IDLE_TIME
+                && !sender.is_closed()
+                && sender.ready().await.is_ok()
+            {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn put_idle(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|(_, since)| since.elapsed() < MAX_IDLE_TIME);
+        if idle.len() < MAX_IDLE_CONNECTIONS {
+            idle.push((sender, std::time::Instant::now()));
+        }
     }
 
     /// Sends one request and returns the raw response, whatever its status.
@@ -236,29 +301,32 @@ impl TokenServerClient {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Result<RawResponse, ClientError> {
+        let request = build_request(&self.host, method, path, content_type, body)?;
         let work = async {
-            let tcp =
-                TcpStream::connect(&self.address)
-                    .await
-                    .map_err(|source| ClientError::Connect {
-                        address: self.address.clone(),
-                        source,
-                    })?;
-            // The name only fills SNI: the verifier checks the pin, not names.
-            let name = ServerName::try_from(self.host.clone())
-                .or_else(|_| ServerName::try_from("localhost".to_owned()))
-                .map_err(|e| {
-                    ClientError::InvalidArgument(format!("invalid TLS server name: {e}"))
-                })?;
-            let tls =
-                self.connector
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|source| ClientError::Tls {
-                        address: self.address.clone(),
-                        source,
-                    })?;
-            exchange(tls, &self.host, method, path, content_type, body).await
+            // A reused connection may have been closed by the server just
+            // now; a request that was not sent on it goes out on a new one.
+            let mut request = request;
+            if let Some(mut sender) = self.take_idle().await {
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        let response = read_response(response).await?;
+                        self.put_idle(sender);
+                        return Ok(response);
+                    }
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(ClientError::Http(error.into_error().to_string())),
+                    },
+                }
+            }
+            let mut sender = self.connect().await?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            let response = read_response(response).await?;
+            self.put_idle(sender);
+            Ok(response)
         };
         tokio::time::timeout(REQUEST_TIMEOUT, work)
             .await
@@ -425,7 +493,13 @@ impl AdminClient {
                         address: address.clone(),
                         source,
                     })?;
-            exchange(stream, "localhost", method, path, content_type, body).await
+            let request = build_request("localhost", method, path, content_type, body)?;
+            let mut sender = handshake(stream).await?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?;
+            read_response(response).await
         };
         tokio::time::timeout(REQUEST_TIMEOUT, work)
             .await
@@ -500,18 +574,12 @@ impl AdminClient {
     }
 }
 
-async fn exchange<I>(
-    io: I,
-    host: &str,
-    method: Method,
-    path: &str,
-    content_type: Option<&str>,
-    body: Vec<u8>,
-) -> Result<RawResponse, ClientError>
+/// Starts HTTP/1.1 on `io` and drives the connection in its own task.
+async fn handshake<I>(io: I) -> Result<Sender, ClientError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;
     tokio::spawn(async move {
@@ -519,6 +587,16 @@ where
             tracing::debug!(%error, "token server connection ended with an error");
         }
     });
+    Ok(sender)
+}
+
+fn build_request(
+    host: &str,
+    method: Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Request<Full<Bytes>>, ClientError> {
     let mut builder = Request::builder()
         .method(method)
         .uri(path)
@@ -526,13 +604,14 @@ where
     if let Some(content_type) = content_type {
         builder = builder.header(hyper::header::CONTENT_TYPE, content_type);
     }
-    let request = builder
+    builder
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| ClientError::Http(e.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| ClientError::Http(e.to_string()))?;
+        .map_err(|e| ClientError::Http(e.to_string()))
+}
+
+async fn read_response(
+    response: hyper::Response<hyper::body::Incoming>,
+) -> Result<RawResponse, ClientError> {
     let status = response.status();
     let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
         .collect()

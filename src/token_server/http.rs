@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{FromRequest, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -30,10 +31,13 @@ use super::service::{ErrorKind, Service, ServiceError};
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Time a client has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a client has to send a request's headers.
+/// Time a client has to send a request's headers. It also closes a
+/// kept-alive connection that stays idle this long.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Maximum lifetime of one client connection, requests and bodies included.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time one request may take once its headers are in, body included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Age after which a connection closes once its current request is done.
+const CONNECTION_MAX_AGE: Duration = Duration::from_secs(300);
 
 /// Returns the current time in seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
@@ -49,6 +53,7 @@ fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
         ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorKind::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -234,22 +239,53 @@ pub fn query_u64(query: Option<&str>, name: &str) -> Result<Option<u64>, Service
     Ok(value)
 }
 
-/// Serves `router` on one accepted connection with HTTP/1.1.
+/// Bounds the time of one request, so a body sent a byte at a time cannot
+/// hold a connection and its handler: the header timeout alone does not.
+async fn bounded(request: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ServiceError::new(
+            ErrorKind::RequestTimeout,
+            "request_timeout",
+            format!(
+                "the request was not complete within {} s; send the whole body at once and retry",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// Serves `router` on one accepted connection with HTTP/1.1 keep-alive.
+///
+/// Each request is bounded by [`REQUEST_TIMEOUT`], an idle connection by
+/// [`HEADER_READ_TIMEOUT`], and a connection closes after the request that
+/// runs at [`CONNECTION_MAX_AGE`].
 pub async fn serve_connection<I>(io: I, router: Router)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let router = router.layer(middleware::from_fn(bounded));
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(io), TowerToHyperService::new(router));
-    // Clients make one short request per connection. Bounding the whole
-    // connection also bounds a body sent a byte at a time, which the header
-    // timeout alone does not.
-    match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::debug!(%error, "connection ended with an error"),
-        Err(_) => tracing::debug!("connection closed after {CONNECTION_TIMEOUT:?}"),
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = tokio::time::sleep(CONNECTION_MAX_AGE) => {
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(REQUEST_TIMEOUT, connection).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::debug!("connection closed: a request outlived the connection's age limit");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "connection ended with an error");
     }
 }
 

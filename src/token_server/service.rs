@@ -6,6 +6,7 @@
 //! run these methods on the blocking thread pool because they touch SQLite.
 
 mod admin;
+mod group_commit;
 mod issue;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// 413: the body is larger than [`super::api::MAX_BODY_BYTES`].
     PayloadTooLarge,
+    /// 408: the request, body included, took longer than the server allows.
+    RequestTimeout,
     /// 415: the body is not declared as JSON.
     UnsupportedMediaType,
     /// 429: a per-name limit is reached.
@@ -106,6 +109,7 @@ pub struct PolicyState {
 /// The token server's state and operations.
 pub struct Service {
     store: Mutex<Box<dyn Store>>,
+    issues: group_commit::GroupCommit,
     policy: RwLock<Arc<PolicyState>>,
     signer: RwLock<Arc<TokenSigner>>,
     issuer: String,
@@ -137,6 +141,7 @@ impl Service {
     ) -> Result<Self, ServiceError> {
         let service = Service {
             store: Mutex::new(store),
+            issues: group_commit::GroupCommit::default(),
             policy: RwLock::new(Arc::new(PolicyState {
                 policy: Policy::default(),
                 client_ids: BTreeMap::new(),

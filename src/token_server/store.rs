@@ -245,8 +245,10 @@ pub trait Store: Send {
     /// Lists sessions that expire after `now`, newest first.
     fn live_sessions(&mut self, now: u64) -> Result<Vec<SessionRecord>, StoreError>;
 
-    /// Records an issued token and raises its signing key's last expiry.
-    fn record_issue(&mut self, token: &IssuedToken, audit: AuditEvent) -> Result<(), StoreError>;
+    /// Records issued tokens, each with its audit event, and raises their
+    /// signing keys' last expiry, all in one transaction: either every
+    /// record of the batch is stored or none is.
+    fn record_issues(&mut self, batch: &[(IssuedToken, AuditEvent)]) -> Result<(), StoreError>;
     /// Appends an audit event on its own, such as a denial.
     fn append_audit(&mut self, audit: AuditEvent) -> Result<(), StoreError>;
     /// Lists the newest `limit` audit rows, newest first.

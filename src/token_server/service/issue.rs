@@ -258,8 +258,9 @@ impl Service {
             ));
         }
 
-        let mut store = self.store();
-        let Some(session) = store.session(&request.source_id)? else {
+        // The store is locked per lookup, not across the signature checks,
+        // so concurrent requests verify and sign in parallel.
+        let Some(session) = self.store().session(&request.source_id)? else {
             return Err(ServiceError::forbidden(
                 "session_unknown",
                 format!(
@@ -276,16 +277,14 @@ impl Service {
         )?;
 
         // From here the caller is authenticated, so denials are audited.
-        let deny = |store: &mut Box<dyn crate::token_server::store::Store>,
-                    code: &'static str,
-                    message: String| {
+        let deny = |code: &'static str, message: String| {
             let audit = AuditEvent::new(
                 now,
                 "deny",
                 session.source_id.as_str(),
                 format!("{} for {}: {message}", session.server, request.application),
             );
-            if let Err(error) = store.append_audit(audit) {
+            if let Err(error) = self.store().append_audit(audit) {
                 tracing::error!(%error, "cannot record a denial in the audit table");
             }
             tracing::info!(server = %session.server, source_id = %session.source_id, application = %request.application, reason = %message, "token denied");
@@ -294,7 +293,6 @@ impl Service {
 
         if let Some(revoked_at) = session.revoked_at {
             return Err(deny(
-                &mut store,
                 "session_revoked",
                 format!(
                     "session {} was revoked at {revoked_at}; open a new session",
@@ -304,7 +302,6 @@ impl Service {
         }
         if now >= session.expires_at {
             return Err(deny(
-                &mut store,
                 "session_expired",
                 format!(
                     "session {} expired at {}; open a new session",
@@ -312,10 +309,10 @@ impl Service {
                 ),
             ));
         }
-        match store.server(&session.server)? {
+        let server = self.store().server(&session.server)?;
+        match server {
             Some(server) if server.revoked_at.is_some() => {
                 return Err(deny(
-                    &mut store,
                     "server_revoked",
                     format!(
                         "resource server {:?} is revoked; ask the operator to enroll it again",
@@ -324,12 +321,11 @@ impl Service {
                 ));
             }
             Some(server) if server.public_key != session.server_key => {
-                return Err(deny(&mut store, "session_stale", format!("resource server {:?} was enrolled again with another key after this session opened; open a new session", session.server)));
+                return Err(deny("session_stale", format!("resource server {:?} was enrolled again with another key after this session opened; open a new session", session.server)));
             }
             Some(_) => {}
             None => {
                 return Err(deny(
-                    &mut store,
                     "server_unknown",
                     format!("resource server {:?} is no longer enrolled", session.server),
                 ));
@@ -341,7 +337,6 @@ impl Service {
             Ok(grants) => grants,
             Err(denial) => {
                 return Err(deny(
-                    &mut store,
                     "not_authorized",
                     format!("{denial}; change the policy file if it should be"),
                 ))
@@ -388,9 +383,7 @@ impl Service {
             issued_at: now,
             expires_at: claims.expires_at,
         };
-        store.record_issue(
-            &issued,
-            AuditEvent::new(
+        let audit = AuditEvent::new(
                 now,
                 "issue",
                 session.source_id.as_str(),
@@ -402,13 +395,21 @@ impl Service {
                     issued.key_id,
                     issued.expires_at
                 ),
-            ),
-        )?;
-        tracing::info!(server = %issued.server, source_id = %issued.source_id, application = %issued.application, token_id = %issued.token_id, "token issued");
+            );
+        let key_id = issued.key_id.clone();
+        let (server, source_id, application, token_id) = (
+            issued.server.clone(),
+            issued.source_id.clone(),
+            issued.application.clone(),
+            issued.token_id.clone(),
+        );
+        self.issues
+            .record((issued, audit), |batch| self.store().record_issues(batch))?;
+        tracing::info!(%server, %source_id, %application, %token_id, "token issued");
         Ok(TokenResponse {
             token,
             expires_at: claims.expires_at,
-            key_id: issued.key_id,
+            key_id,
         })
     }
 }

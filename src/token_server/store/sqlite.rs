@@ -430,27 +430,31 @@ impl Store for SqliteStore {
         Ok(sessions)
     }
 
-    fn record_issue(&mut self, token: &IssuedToken, audit: AuditEvent) -> Result<(), StoreError> {
+    fn record_issues(&mut self, batch: &[(IssuedToken, AuditEvent)]) -> Result<(), StoreError> {
         let tx = self.write()?;
-        tx.execute(
-            "INSERT INTO tokens (token_id, source_id, server, application, key_id, issued_at, expires_at, revoked_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)",
-            params![
-                token.token_id,
-                token.source_id,
-                token.server,
-                token.application,
-                token.key_id,
-                int(token.issued_at),
-                int(token.expires_at)
-            ],
-        )?;
-        tx.execute(
-            "UPDATE signing_keys SET last_token_expires_at = ?1
-             WHERE key_id = ?2 AND last_token_expires_at < ?1",
-            params![int(token.expires_at), token.key_id],
-        )?;
-        append_audit(&tx, &audit)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO tokens (token_id, source_id, server, application, key_id, issued_at, expires_at, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)",
+            )?;
+            let mut raise = tx.prepare_cached(
+                "UPDATE signing_keys SET last_token_expires_at = ?1
+                 WHERE key_id = ?2 AND last_token_expires_at < ?1",
+            )?;
+            for (token, audit) in batch {
+                insert.execute(params![
+                    token.token_id,
+                    token.source_id,
+                    token.server,
+                    token.application,
+                    token.key_id,
+                    int(token.issued_at),
+                    int(token.expires_at)
+                ])?;
+                raise.execute(params![int(token.expires_at), token.key_id])?;
+                append_audit(&tx, audit)?;
+            }
+        }
         tx.commit()?;
         Ok(())
     }

@@ -194,8 +194,8 @@ fn rotation_retires_old_key_and_tracks_expiry() {
     };
     store.insert_signing_key(&key("aaaa", 10)).expect("insert");
     store
-        .record_issue(
-            &IssuedToken {
+        .record_issues(&[(
+            IssuedToken {
                 token_id: "00".repeat(16),
                 source_id: "src_a".to_owned(),
                 server: "server-a".to_owned(),
@@ -205,7 +205,7 @@ fn rotation_retires_old_key_and_tracks_expiry() {
                 expires_at: 3_620,
             },
             audit(20, "issue"),
-        )
+        )])
         .expect("issue");
     store
         .rotate_signing_key("aaaa", &key("bbbb", 30), audit(30, "rotate_key"))
