@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context as _};
+use anyhow::{bail, ensure, Context as _};
 
 use crate::measure::median;
 
@@ -39,6 +39,8 @@ pub struct Parameters {
     pub rate_seconds: f64,
     pub memory_connections: usize,
     pub memory_streams: usize,
+    /// Sections to run; empty runs them all.
+    pub only: Vec<String>,
 }
 
 impl Parameters {
@@ -56,6 +58,7 @@ impl Parameters {
                 rate_seconds: 0.3,
                 memory_connections: 20,
                 memory_streams: 200,
+                only: Vec::new(),
             }
         } else {
             Parameters {
@@ -70,6 +73,7 @@ impl Parameters {
                 rate_seconds: 3.0,
                 memory_connections: 100,
                 memory_streams: 1000,
+                only: Vec::new(),
             }
         }
     }
@@ -79,13 +83,19 @@ struct Options {
     quick: bool,
     runs: usize,
     out: PathBuf,
+    /// Sections to run; empty runs them all.
+    only: Vec<String>,
 }
+
+/// The sections of one run, in order.
+const SECTIONS: [&str; 6] = ["memory", "bulk", "open", "connect", "streams", "tokens"];
 
 fn parse_options() -> anyhow::Result<Options> {
     let mut options = Options {
         quick: false,
         runs: 1,
         out: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/h8-bench.json"),
+        only: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     let mut benchmarking = false;
@@ -101,9 +111,22 @@ fn parse_options() -> anyhow::Result<Options> {
                     .with_context(|| format!("--runs {value:?} is not a positive number"))?;
             }
             "--out" => options.out = args.next().context("--out needs a path")?.into(),
+            "--only" => {
+                let value = args.next().context("--only needs a list of sections")?;
+                for section in value.split(',') {
+                    ensure!(
+                        SECTIONS.contains(&section),
+                        "--only: unknown section {section:?}; use a comma-separated list of {}",
+                        SECTIONS.join(", ")
+                    );
+                    options.only.push(section.to_owned());
+                }
+            }
             // `cargo bench` passes --bench to every bench target.
             "--bench" => benchmarking = true,
-            other => bail!("unknown argument {other:?}; use --quick, --runs N or --out PATH"),
+            other => bail!(
+                "unknown argument {other:?}; use --quick, --runs N, --out PATH or --only SECTIONS"
+            ),
         }
     }
     // `cargo test --all-targets` runs this target without --bench: a quick
@@ -327,7 +350,8 @@ const ROWS: &[Row] = &[
 fn main() -> anyhow::Result<()> {
     let options = parse_options()?;
     cluster::check_binaries()?;
-    let parameters = Parameters::new(options.quick, options.runs);
+    let mut parameters = Parameters::new(options.quick, options.runs);
+    parameters.only = options.only;
     let machine = measure::machine();
     eprintln!(
         "h8 e2e: {} run(s){}; machine {machine}",
@@ -362,12 +386,26 @@ async fn run_all(parameters: &Parameters) -> anyhow::Result<Vec<BTreeMap<String,
         // Fresh daemons: the memory readings must not reuse memory that an
         // earlier run freed.
         cluster.restart_daemons().await?;
-        sections::memory(&cluster, parameters, &mut values).await?;
-        sections::bulk(&cluster, &raw, parameters, &mut values).await?;
-        sections::open_latency(&cluster, &raw, parameters, &mut values).await?;
-        sections::new_connections(&cluster, &raw, parameters, &mut values).await?;
-        sections::stream_rates(&cluster, &raw, parameters, &mut values).await?;
-        sections::token_issuance(&tokens, parameters, &mut values).await?;
+        let runs_section =
+            |name: &str| parameters.only.is_empty() || parameters.only.iter().any(|s| s == name);
+        if runs_section("memory") {
+            sections::memory(&cluster, parameters, &mut values).await?;
+        }
+        if runs_section("bulk") {
+            sections::bulk(&cluster, &raw, parameters, &mut values).await?;
+        }
+        if runs_section("open") {
+            sections::open_latency(&cluster, &raw, parameters, &mut values).await?;
+        }
+        if runs_section("connect") {
+            sections::new_connections(&cluster, &raw, parameters, &mut values).await?;
+        }
+        if runs_section("streams") {
+            sections::stream_rates(&cluster, &raw, parameters, &mut values).await?;
+        }
+        if runs_section("tokens") {
+            sections::token_issuance(&tokens, parameters, &mut values).await?;
+        }
         cluster.check_running()?;
         for (key, value) in &values {
             eprintln!("  {key} = {value:.1}");

@@ -5,6 +5,9 @@
 //! half). An error in either direction resets the QUIC stream, so the far
 //! end sees a broken stream rather than a clean end.
 
+use std::io::IoSlice;
+
+use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 /// QUIC application error code sent when the local side of a stream failed.
@@ -13,6 +16,8 @@ pub const LOCAL_ERROR_CODE: u32 = 0x1;
 pub const SHUTDOWN_CODE: u32 = 0x2;
 
 const BUFFER_LEN: usize = 64 * 1024;
+/// Received chunks gathered into one vectored write.
+const MAX_CHUNKS: usize = 32;
 /// How long a finished stream waits for the peer to acknowledge the rest.
 const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -49,10 +54,13 @@ where
     let (mut local_read, mut local_write) = tokio::io::split(local);
 
     let outbound = async {
-        let mut buffer = vec![0u8; BUFFER_LEN];
+        let mut buffer = BytesMut::new();
         let mut total = 0u64;
         loop {
-            let n = match local_read.read(&mut buffer).await {
+            // Reading into spare capacity and handing the filled part to
+            // quinn as `Bytes` moves the data without copying it again.
+            buffer.reserve(BUFFER_LEN);
+            let n = match local_read.read_buf(&mut buffer).await {
                 Ok(n) => n,
                 Err(e) => return Err(PipeError::Local(e)),
             };
@@ -64,7 +72,7 @@ where
                 let _ = tokio::time::timeout(DELIVERY_TIMEOUT, send.stopped()).await;
                 return Ok(total);
             }
-            send.write_all(&buffer[..n])
+            send.write_chunk(buffer.split().freeze())
                 .await
                 .map_err(|e| PipeError::Peer(e.to_string()))?;
             total += n as u64;
@@ -80,14 +88,16 @@ where
                 .map_err(PipeError::Local)?;
             total += initial.len() as u64;
         }
+        // quinn hands out received data one packet's worth at a time; the
+        // chunks that are ready go out in one vectored write, so a bulk
+        // transfer costs one local write per batch rather than per packet.
+        let mut chunks: [Bytes; MAX_CHUNKS] = std::array::from_fn(|_| Bytes::new());
         loop {
-            match recv.read_chunk(BUFFER_LEN, true).await {
-                Ok(Some(chunk)) => {
-                    local_write
-                        .write_all(&chunk.bytes)
+            match recv.read_chunks(&mut chunks).await {
+                Ok(Some(count)) => {
+                    total += write_chunks(&mut local_write, &mut chunks[..count])
                         .await
                         .map_err(PipeError::Local)?;
-                    total += chunk.bytes.len() as u64;
                 }
                 Ok(None) => {
                     let _ = local_write.shutdown().await;
@@ -110,4 +120,36 @@ where
             Err(error)
         }
     }
+}
+
+/// Writes every byte of `chunks` with vectored writes and returns the count.
+async fn write_chunks<W>(local: &mut W, chunks: &mut [Bytes]) -> std::io::Result<u64>
+where
+    W: AsyncWrite + Unpin,
+{
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: Vec<IoSlice<'_>> = chunks[first..]
+            .iter()
+            .map(|chunk| IoSlice::new(chunk))
+            .collect();
+        let mut written = local.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let chunk = &mut chunks[first];
+            let step = written.min(chunk.len());
+            chunk.advance(step);
+            written -= step;
+            if chunk.is_empty() {
+                first += 1;
+            }
+        }
+        while first < chunks.len() && chunks[first].is_empty() {
+            first += 1;
+        }
+    }
+    Ok(total as u64)
 }
