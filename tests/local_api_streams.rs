@@ -243,3 +243,62 @@ async fn accept_times_out_with_504() {
     assert_eq!(status, 504, "{body}");
     assert!(body.contains("timed_out"), "{body}");
 }
+
+/// Opens an upgraded stream through the local API at `socket`.
+async fn open_stream(socket: &std::path::Path, path: &str) -> tokio::net::UnixStream {
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect to the API");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: h8\r\nConnection: Upgrade\r\nUpgrade: h8-stream\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).await.expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
+}
+
+/// More streams held open at once than a new connection's initial stream
+/// limit: the acceptor raises the limit as streams arrive, so none waits
+/// for credit until the open times out, and all share one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_concurrent_streams_share_one_connection() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let echo = echo_server().await;
+    let b_spec = NodeSpec {
+        services: tcp_service("echo", echo, "none"),
+        policy: allow_a(&["echo"]),
+        ..NodeSpec::default()
+    };
+    let (a, _b) = start_pair(root.path(), NodeSpec::default(), b_spec);
+
+    let count = 300;
+    let mut streams = Vec::with_capacity(count);
+    let opening = async {
+        for _ in 0..count {
+            streams.push(open_stream(&a.socket, "/v1/connect/server-b/echo").await);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), opening)
+        .await
+        .expect("300 streams opened within 60 s");
+    for (n, stream) in streams.iter_mut().enumerate() {
+        let message = format!("stream {n}\n");
+        stream.write_all(message.as_bytes()).await.expect("write");
+        let mut reply = vec![0u8; message.len()];
+        stream.read_exact(&mut reply).await.expect("echo");
+        assert_eq!(reply, message.as_bytes());
+    }
+    let (status, body) = a
+        .raw_request(b"GET /v1/peers HTTP/1.1\r\nHost: h8\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let text = body.replace(char::is_whitespace, "");
+    assert!(text.contains("\"open_streams\":300"), "{text}");
+}

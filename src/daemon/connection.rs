@@ -76,13 +76,24 @@ impl PeerConnection {
     }
 }
 
+/// Streams a peer may have open at once on a new connection. quinn keeps
+/// state for every stream the peer is allowed to open, about 70 bytes each,
+/// so the limit starts here and doubles as streams are used, up to
+/// `max_streams_per_connection` (see `serve_connection`).
+pub(super) const INITIAL_STREAM_LIMIT: u32 = 64;
+
 fn transport(config: &DaemonConfig) -> anyhow::Result<TransportConfig> {
     let mut transport = TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(config.quic.keepalive_secs)));
     transport.max_idle_timeout(Some(
         Duration::from_secs(config.quic.idle_timeout_secs).try_into()?,
     ));
-    transport.max_concurrent_bidi_streams(VarInt::from_u32(config.quic.max_streams_per_connection));
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(
+        config
+            .quic
+            .max_streams_per_connection
+            .min(INITIAL_STREAM_LIMIT),
+    ));
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
     // Larger flow-control windows than quinn's defaults so one stream can
     // fill a fast link; back-pressure still applies at these bounds.

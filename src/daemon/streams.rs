@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
-use super::connection::{connection_to, read_frame, PeerConnection};
+use super::connection::{connection_to, read_frame, PeerConnection, INITIAL_STREAM_LIMIT};
 use super::pipe::pipe;
 use super::{unix_now, Daemon, PeerIdentity};
 use crate::authorize::{authorize_stream, StreamRequest};
@@ -246,9 +246,24 @@ pub(super) async fn accept_stream(
 
 /// Accepts the streams a peer opens on `connection` until it closes.
 pub(super) async fn serve_connection(daemon: Daemon, connection: Arc<PeerConnection>) {
+    let max_limit = daemon.config().quic.max_streams_per_connection;
+    let mut limit = max_limit.min(INITIAL_STREAM_LIMIT);
     loop {
         let (send, recv) = match connection.connection.accept_bi().await {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                // Raise the peer's stream limit once half of it is in use,
+                // so a busy connection does not wait for credit while an
+                // idle one keeps little stream state.
+                let open = connection.open_streams.load(Ordering::Relaxed) + 1;
+                if limit < max_limit && open * 2 >= u64::from(limit) {
+                    limit = limit.saturating_mul(2).min(max_limit);
+                    connection
+                        .connection
+                        .set_max_concurrent_bi_streams(quinn::VarInt::from_u32(limit));
+                    debug!(limit, "raised the peer's concurrent stream limit");
+                }
+                stream
+            }
             Err(e) => {
                 debug!(error = %e, "connection closed");
                 daemon
