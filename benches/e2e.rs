@@ -322,6 +322,14 @@ const ROWS: &[Row] = &[
         target: Some((0.35, Goal::AtLeast)),
     },
     Row {
+        name: "tokens per CPU-second of h8-tokend",
+        unit: "tokens/CPU-s",
+        key: "tokens_per_cpu",
+        baseline: "raw ed25519 sign, one core",
+        baseline_key: Some("sign_one_core"),
+        target: None,
+    },
+    Row {
         name: "h8d RSS per idle peer connection",
         unit: "KiB",
         key: "mem_connection",

@@ -22,13 +22,15 @@ use rand_core::{OsRng, RngCore as _};
 use crate::cluster::ClientIdentity;
 
 /// The transport settings of `h8d` with its default config
-/// (`src/daemon/connection.rs`, `transport`): 4096 concurrent streams and
-/// windows of 8 MiB per stream and 32 MiB per connection.
-pub fn h8_transport() -> Arc<TransportConfig> {
+/// (`src/daemon/connection.rs`, `transport`): windows of 8 MiB per stream
+/// and 32 MiB per connection, with `streams` concurrent incoming streams.
+/// `h8d` starts every connection at 64 and raises the limit as streams are
+/// used; the raw quinn server takes 128, enough for its 100 in flight.
+pub fn h8_transport(streams: u32) -> Arc<TransportConfig> {
     let mut transport = TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(10)));
     transport.max_idle_timeout(Some(VarInt::from_u32(60_000).into()));
-    transport.max_concurrent_bidi_streams(VarInt::from_u32(4096));
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(streams));
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
     transport.stream_receive_window(VarInt::from_u32(8 * 1024 * 1024));
     transport.receive_window(VarInt::from_u32(32 * 1024 * 1024));
@@ -39,7 +41,7 @@ pub fn h8_transport() -> Arc<TransportConfig> {
 fn client_config(identity: &IdentityKey, name: &str) -> anyhow::Result<quinn::ClientConfig> {
     let (client, _) = quic_crypto(identity, name).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(client));
-    config.transport_config(h8_transport());
+    config.transport_config(h8_transport(64));
     Ok(config)
 }
 
@@ -63,7 +65,7 @@ impl RawQuinn {
         let (_, server_crypto) =
             quic_crypto(&server_identity, "raw-server").map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server_config.transport_config(h8_transport());
+        server_config.transport_config(h8_transport(128));
         let server = Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
         let server_address = server.local_addr()?;
         tokio::spawn(serve_raw(server.clone()));
@@ -167,7 +169,7 @@ pub struct HandshakeClient {
     endpoint: Endpoint,
     server: SocketAddr,
     server_key: VerifyingKey,
-    identities: Vec<(String, IdentityKey, quinn::ClientConfig)>,
+    identities: Vec<(String, IdentityKey, quinn::ClientConfig, Vec<u8>)>,
 }
 
 /// A connection that finished the h8 handshake.
@@ -185,7 +187,10 @@ impl HandshakeClient {
         for client in clients {
             let key = IdentityKey::from_signing_key(client.key.signing_key().clone());
             let config = client_config(&key, &client.name)?;
-            identities.push((client.name.clone(), key, config));
+            // Signed once, as h8d does: a daemon reuses its machine token
+            // for every connection until the token is rotated.
+            let (token, _) = machine_token(&key, &client.name, unix_now(), 3600);
+            identities.push((client.name.clone(), key, config, token));
         }
         Ok(HandshakeClient {
             endpoint: Endpoint::client("127.0.0.1:0".parse()?)?,
@@ -197,7 +202,7 @@ impl HandshakeClient {
 
     /// Connects as identity `index` and runs the h8 handshake.
     pub async fn connect(&self, index: usize) -> anyhow::Result<H8Connection> {
-        let (name, key, config) = &self.identities[index % self.identities.len()];
+        let (name, key, config, token) = &self.identities[index % self.identities.len()];
         let connection = self
             .endpoint
             .connect_with(config.clone(), self.server, "h8")?
@@ -211,11 +216,10 @@ impl HandshakeClient {
             peer_tls_key: peer_tls_key(&connection)
                 .context("server-b sent no Ed25519 certificate")?,
         };
-        let (token, _) = machine_token(key, name, unix_now(), 900);
         let local = LocalIdentity {
             name: name.clone(),
             key: key.signing_key().clone(),
-            token,
+            token: token.clone(),
         };
         let trust = Trust::Sidecar {
             pinned: HashMap::from([("server-b".to_owned(), self.server_key)]),

@@ -323,6 +323,7 @@ pub struct TokenClients {
     /// Each server's client (as each daemon has its own), source
     /// identifier and key.
     servers: Vec<(TokenServerClient, String, SigningKey)>,
+    tokend_pid: u32,
 }
 
 impl TokenClients {
@@ -341,7 +342,10 @@ impl TokenClients {
             let own = TokenServerClient::new(&ready.listen, &ready.tls_pin)?;
             servers.push((own, session.source_id, key.signing_key().clone()));
         }
-        Ok(TokenClients { servers })
+        Ok(TokenClients {
+            servers,
+            tokend_pid: cluster.tokend.pid(),
+        })
     }
 }
 
@@ -353,6 +357,7 @@ pub async fn token_issuance(
     values: &mut Values,
 ) -> anyhow::Result<()> {
     let issued = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_time(tokens.tokend_pid)?;
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(parameters.rate_seconds);
     let mut tasks = Vec::new();
@@ -374,10 +379,10 @@ pub async fn token_issuance(
         task.await??;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    values.insert(
-        "tokens_api".into(),
-        issued.load(Ordering::Relaxed) as f64 / elapsed,
-    );
+    let cpu = (cpu_time(tokens.tokend_pid)? - cpu_before).as_secs_f64();
+    let count = issued.load(Ordering::Relaxed) as f64;
+    values.insert("tokens_api".into(), count / elapsed);
+    values.insert("tokens_per_cpu".into(), count / cpu);
 
     let seconds = parameters.rate_seconds;
     let signs = tokio::task::spawn_blocking(move || {

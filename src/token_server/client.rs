@@ -243,12 +243,13 @@ impl TokenServerClient {
 
     /// Opens a new TLS connection and its HTTP/1.1 sender.
     async fn connect(&self) -> Result<Sender, ClientError> {
-        let tcp = TcpStream::connect(&self.address)
-            .await
-            .map_err(|source| ClientError::Connect {
-                address: self.address.clone(),
-                source,
-            })?;
+        let tcp =
+            TcpStream::connect(&self.address)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    address: self.address.clone(),
+                    source,
+                })?;
         let _ = tcp.set_nodelay(true);
         // The name only fills SNI: the verifier checks the pin, not names.
         let name = ServerName::try_from(self.host.clone())

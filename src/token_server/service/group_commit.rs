@@ -163,8 +163,12 @@ mod tests {
         let start = Arc::new(Barrier::new(threads));
         let handles: Vec<_> = (0..threads as u64)
             .map(|n| {
-                let (commits, written, group, start) =
-                    (commits.clone(), written.clone(), group.clone(), start.clone());
+                let (commits, written, group, start) = (
+                    commits.clone(),
+                    written.clone(),
+                    group.clone(),
+                    start.clone(),
+                );
                 std::thread::spawn(move || {
                     start.wait();
                     group.record(record(n), |batch| {

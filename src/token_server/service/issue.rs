@@ -384,18 +384,18 @@ impl Service {
             expires_at: claims.expires_at,
         };
         let audit = AuditEvent::new(
-                now,
-                "issue",
-                session.source_id.as_str(),
-                format!(
-                    "token {} for {} in {}, key {}, expires at {}",
-                    issued.token_id,
-                    issued.server,
-                    issued.application,
-                    issued.key_id,
-                    issued.expires_at
-                ),
-            );
+            now,
+            "issue",
+            session.source_id.as_str(),
+            format!(
+                "token {} for {} in {}, key {}, expires at {}",
+                issued.token_id,
+                issued.server,
+                issued.application,
+                issued.key_id,
+                issued.expires_at
+            ),
+        );
         let key_id = issued.key_id.clone();
         let (server, source_id, application, token_id) = (
             issued.server.clone(),

@@ -128,11 +128,16 @@ fn key32(bytes: Vec<u8>, column: &str) -> Result<[u8; 32], StoreError> {
 }
 
 fn append_audit(tx: &rusqlite::Transaction<'_>, audit: &AuditEvent) -> Result<(), StoreError> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO audit (id, at, event, subject, detail)
          SELECT COALESCE(MAX(id), 0) + 1, ?1, ?2, ?3, ?4 FROM audit",
-        params![int(audit.at), audit.event, audit.subject, audit.detail],
-    )?;
+    )?
+    .execute(params![
+        int(audit.at),
+        audit.event,
+        audit.subject,
+        audit.detail
+    ])?;
     Ok(())
 }
 
@@ -305,20 +310,20 @@ impl Store for SqliteStore {
     }
 
     fn server(&mut self, name: &str) -> Result<Option<ServerRecord>, StoreError> {
+        // Cached statements: these lookups run on every token request.
         let row = self
             .connection
-            .query_row(
+            .prepare_cached(
                 "SELECT name, public_key, enrolled_at, revoked_at FROM servers WHERE name = ?1",
-                [name],
-                |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, Vec<u8>>(1)?,
-                        uint(row.get(2)?),
-                        row.get::<_, Option<i64>>(3)?.map(uint),
-                    ))
-                },
-            )
+            )?
+            .query_row([name], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Vec<u8>>(1)?,
+                    uint(row.get(2)?),
+                    row.get::<_, Option<i64>>(3)?.map(uint),
+                ))
+            })
             .optional()?;
         row.map(|(name, key, enrolled_at, revoked_at)| {
             Ok(ServerRecord {
@@ -407,12 +412,11 @@ impl Store for SqliteStore {
     fn session(&mut self, source_id: &str) -> Result<Option<SessionRecord>, StoreError> {
         let row = self
             .connection
-            .query_row(
+            .prepare_cached(
                 "SELECT source_id, server, server_key, created_at, expires_at, revoked_at
                  FROM sessions WHERE source_id = ?1",
-                [source_id],
-                session_from_row,
-            )
+            )?
+            .query_row([source_id], session_from_row)
             .optional()?;
         row.map(finish_session).transpose()
     }
