@@ -45,6 +45,8 @@ pub struct DaemonConfig {
     pub shutdown_grace_secs: u64,
     /// Log filter (tracing `EnvFilter` syntax) when `RUST_LOG` is unset.
     pub log_level: String,
+    /// Threads of the async runtime; read at start only.
+    pub worker_threads: usize,
 }
 
 /// Mode-specific settings.
@@ -235,10 +237,19 @@ struct RawConfig {
     shutdown_grace_secs: u64,
     #[serde(default = "default_log_level")]
     log_level: Spanned<String>,
+    #[serde(default = "default_worker_threads")]
+    worker_threads: Spanned<u64>,
 }
 
 fn default_grace() -> u64 {
     10
+}
+
+/// Most threads `worker_threads` accepts.
+pub const MAX_WORKER_THREADS: u64 = 256;
+
+fn default_worker_threads() -> Spanned<u64> {
+    Spanned::new(0..0, 1)
 }
 
 fn default_log_level() -> Spanned<String> {
@@ -409,6 +420,13 @@ impl DaemonConfig {
                     "invalid log_level {:?}: {e}; use a level such as \"info\" or directives such as \"h8=debug,info\"",
                     raw.log_level.get_ref()
                 ),
+            ));
+        }
+        let worker_threads = *raw.worker_threads.get_ref();
+        if !(1..=MAX_WORKER_THREADS).contains(&worker_threads) {
+            return Err(error(
+                raw.worker_threads.span(),
+                format!("worker_threads = {worker_threads} is out of range; use 1 to {MAX_WORKER_THREADS}"),
             ));
         }
         let listen: SocketAddr = raw.listen.get_ref().parse().map_err(|_| {
@@ -648,6 +666,7 @@ impl DaemonConfig {
             forwards,
             shutdown_grace_secs: raw.shutdown_grace_secs,
             log_level: raw.log_level.into_inner(),
+            worker_threads: usize::try_from(worker_threads).unwrap_or(1),
         })
     }
 

@@ -98,3 +98,20 @@ fn enrollment_code_file_is_relative_to_config() {
         Some(PathBuf::from("/etc/h8/code"))
     );
 }
+
+#[test]
+fn worker_threads_defaults_to_one_and_is_bounded() {
+    assert_eq!(parse(&token_config("")).expect("valid").worker_threads, 1);
+    let four = token_config("").replace("mode = ", "worker_threads = 4\nmode = ");
+    assert_eq!(parse(&four).expect("valid").worker_threads, 4);
+    for bad in ["0", "257"] {
+        let text = token_config("").replace("mode = ", &format!("worker_threads = {bad}\nmode = "));
+        let err = parse(&text).unwrap_err();
+        assert!(
+            err.message
+                .contains(&format!("worker_threads = {bad} is out of range")),
+            "{err}"
+        );
+        assert_eq!((err.line, err.column), (4, 18), "{err}");
+    }
+}

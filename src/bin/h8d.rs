@@ -41,12 +41,27 @@ fn main() -> ExitCode {
         };
     }
 
-    let level = h8::config::DaemonConfig::load(&args.config)
-        .map(|c| c.log_level)
-        .unwrap_or_else(|_| "info".to_owned());
+    // The daemon loads the config again and reports its errors; these two
+    // settings are needed before it starts.
+    let (level, threads) = h8::config::DaemonConfig::load(&args.config)
+        .map(|c| (c.log_level, c.worker_threads))
+        .unwrap_or_else(|_| ("info".to_owned(), 1));
     telemetry::init(args.log_format, &level);
 
-    let runtime = match tokio::runtime::Runtime::new() {
+    // One thread by default: each peer connection's packets are handled by
+    // one quinn task anyway, and a single thread saves the cross-thread
+    // wake-ups that a multi-threaded runtime pays on every hop.
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
