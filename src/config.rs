@@ -245,7 +245,7 @@ fn default_grace() -> u64 {
     10
 }
 
-/// Most threads `worker_threads` accepts.
+/// Maximum value of `worker_threads`.
 pub const MAX_WORKER_THREADS: u64 = 256;
 
 fn default_worker_threads() -> Spanned<u64> {

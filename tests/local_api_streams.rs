@@ -278,14 +278,21 @@ async fn hundreds_of_concurrent_streams_share_one_connection() {
     };
     let (a, _b) = start_pair(root.path(), NodeSpec::default(), b_spec);
 
+    // All opens at once, so a burst of streams reaches the acceptor before
+    // it has run any of their tasks.
     let count = 300;
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let socket = a.socket.clone();
+        opening.spawn(async move { open_stream(&socket, "/v1/connect/server-b/echo").await });
+    }
     let mut streams = Vec::with_capacity(count);
-    let opening = async {
-        for _ in 0..count {
-            streams.push(open_stream(&a.socket, "/v1/connect/server-b/echo").await);
+    let all = async {
+        while let Some(stream) = opening.join_next().await {
+            streams.push(stream.expect("open task"));
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), opening)
+    tokio::time::timeout(Duration::from_secs(60), all)
         .await
         .expect("300 streams opened within 60 s");
     for (n, stream) in streams.iter_mut().enumerate() {

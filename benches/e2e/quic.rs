@@ -25,7 +25,7 @@ use crate::cluster::ClientIdentity;
 /// (`src/daemon/connection.rs`, `transport`): windows of 8 MiB per stream
 /// and 32 MiB per connection, with `streams` concurrent incoming streams.
 /// `h8d` starts every connection at 64 and raises the limit as streams are
-/// used; the raw quinn server takes 128, enough for its 100 in flight.
+/// used. The raw quinn server takes 128, enough for its 100 in flight.
 pub fn h8_transport(streams: u32) -> Arc<TransportConfig> {
     let mut transport = TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(10)));

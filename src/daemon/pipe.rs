@@ -16,7 +16,7 @@ pub const LOCAL_ERROR_CODE: u32 = 0x1;
 pub const SHUTDOWN_CODE: u32 = 0x2;
 
 const BUFFER_LEN: usize = 64 * 1024;
-/// Received chunks gathered into one vectored write.
+/// Maximum number of received chunks per vectored write.
 const MAX_CHUNKS: usize = 32;
 /// How long a finished stream waits for the peer to acknowledge the rest.
 const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -88,9 +88,9 @@ where
                 .map_err(PipeError::Local)?;
             total += initial.len() as u64;
         }
-        // quinn hands out received data one packet's worth at a time; the
-        // chunks that are ready go out in one vectored write, so a bulk
-        // transfer costs one local write per batch rather than per packet.
+        // quinn returns received data one packet at a time. The chunks that
+        // are ready go out in one vectored write, so a bulk transfer makes
+        // one local write per batch rather than per packet.
         let mut chunks: [Bytes; MAX_CHUNKS] = std::array::from_fn(|_| Bytes::new());
         loop {
             match recv.read_chunks(&mut chunks).await {
@@ -98,6 +98,8 @@ where
                     total += write_chunks(&mut local_write, &mut chunks[..count])
                         .await
                         .map_err(PipeError::Local)?;
+                    // Release quinn's receive buffers now, not at the next read.
+                    chunks[..count].fill(Bytes::new());
                 }
                 Ok(None) => {
                     let _ = local_write.shutdown().await;

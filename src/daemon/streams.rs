@@ -255,6 +255,8 @@ pub(super) async fn serve_connection(daemon: Daemon, connection: Arc<PeerConnect
                 // so a busy connection does not wait for credit while an
                 // idle one keeps little stream state.
                 let open = connection.open_streams.load(Ordering::Relaxed) + 1;
+                // `open` counts this daemon's own streams on the connection
+                // too, which only raises the limit sooner.
                 if limit < max_limit && open * 2 >= u64::from(limit) {
                     limit = limit.saturating_mul(2).min(max_limit);
                     connection
@@ -273,10 +275,12 @@ pub(super) async fn serve_connection(daemon: Daemon, connection: Arc<PeerConnect
                 return;
             }
         };
+        // Counted here, not in the task, so that the limit check above
+        // counts every stream accepted so far, even before its task runs.
+        let guard = StreamGuard::new(&daemon, connection.clone());
         let daemon = daemon.clone();
         let connection = connection.clone();
         tokio::spawn(async move {
-            let guard = StreamGuard::new(&daemon, connection.clone());
             handle_stream(daemon, connection, send, recv, guard).await;
         });
     }

@@ -28,7 +28,9 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 
 use super::api::{self, AdminEnrollRequest, AdminRevokeRequest};
-use super::http::{blocking, method_not_allowed, not_found, query_u64, serve_connection, JsonBody};
+use super::http::{
+    blocking, bounded, method_not_allowed, not_found, query_u64, serve_connection, JsonBody,
+};
 use super::service::{Service, ServiceError};
 
 /// Default number of audit entries returned.
@@ -55,6 +57,7 @@ pub fn router(service: Arc<Service>, reloader: Reloader) -> Router {
         .route("/v1/admin/sessions", get(sessions))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(bounded))
         .with_state(AdminState {
             service,
             reload: reloader,

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -52,8 +52,18 @@ pub const MAX_IDLE_CONNECTIONS: usize = 8;
 /// it: below the server's idle limit, so a reused connection is rarely
 /// closed under a request.
 const MAX_IDLE_TIME: Duration = Duration::from_secs(5);
+/// Age after which the client stops reusing a connection: below the age at
+/// which the server closes it.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(240);
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// A kept connection between requests.
+struct IdleConnection {
+    sender: Sender,
+    opened: Instant,
+    idle_since: Instant,
+}
 
 /// Error from a client request.
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +205,7 @@ pub struct TokenServerClient {
     address: String,
     host: String,
     connector: TlsConnector,
-    idle: Arc<std::sync::Mutex<Vec<(Sender, std::time::Instant)>>>,
+    idle: Arc<std::sync::Mutex<Vec<IdleConnection>>>,
 }
 
 impl std::fmt::Debug for TokenServerClient {
@@ -242,7 +252,7 @@ impl TokenServerClient {
     }
 
     /// Opens a new TLS connection and its HTTP/1.1 sender.
-    async fn connect(&self) -> Result<Sender, ClientError> {
+    async fn connect(&self) -> Result<(Sender, Instant), ClientError> {
         let tcp =
             TcpStream::connect(&self.address)
                 .await
@@ -263,34 +273,38 @@ impl TokenServerClient {
                 address: self.address.clone(),
                 source,
             })?;
-        handshake(tls).await
+        Ok((handshake(tls).await?, Instant::now()))
     }
 
     /// Takes an idle connection that is still open, if there is one.
-    async fn take_idle(&self) -> Option<Sender> {
+    async fn take_idle(&self) -> Option<(Sender, Instant)> {
         loop {
-            let (mut sender, since) = self
+            let mut idle = self
                 .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop()?;
-            if since.elapsed() < MAX_IDLE_TIME
-                && !sender.is_closed()
-                && sender.ready().await.is_ok()
+            if idle.idle_since.elapsed() < MAX_IDLE_TIME
+                && !idle.sender.is_closed()
+                && idle.sender.ready().await.is_ok()
             {
-                return Some(sender);
+                return Some((idle.sender, idle.opened));
             }
         }
     }
 
-    fn put_idle(&self, sender: Sender) {
-        if sender.is_closed() {
+    fn put_idle(&self, sender: Sender, opened: Instant) {
+        if sender.is_closed() || opened.elapsed() >= MAX_CONNECTION_AGE {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|(_, since)| since.elapsed() < MAX_IDLE_TIME);
+        idle.retain(|c| c.idle_since.elapsed() < MAX_IDLE_TIME);
         if idle.len() < MAX_IDLE_CONNECTIONS {
-            idle.push((sender, std::time::Instant::now()));
+            idle.push(IdleConnection {
+                sender,
+                opened,
+                idle_since: Instant::now(),
+            });
         }
     }
 
@@ -307,11 +321,11 @@ impl TokenServerClient {
             // A reused connection may have been closed by the server just
             // now; a request that was not sent on it goes out on a new one.
             let mut request = request;
-            if let Some(mut sender) = self.take_idle().await {
+            if let Some((mut sender, opened)) = self.take_idle().await {
                 match sender.try_send_request(request).await {
                     Ok(response) => {
                         let response = read_response(response).await?;
-                        self.put_idle(sender);
+                        self.put_idle(sender, opened);
                         return Ok(response);
                     }
                     Err(mut error) => match error.take_message() {
@@ -320,13 +334,13 @@ impl TokenServerClient {
                     },
                 }
             }
-            let mut sender = self.connect().await?;
+            let (mut sender, opened) = self.connect().await?;
             let response = sender
                 .send_request(request)
                 .await
                 .map_err(|e| ClientError::Http(e.to_string()))?;
             let response = read_response(response).await?;
-            self.put_idle(sender);
+            self.put_idle(sender, opened);
             Ok(response)
         };
         tokio::time::timeout(REQUEST_TIMEOUT, work)

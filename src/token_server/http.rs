@@ -147,6 +147,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/v1/revocations", get(revocations))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(bounded))
         .with_state(service)
 }
 
@@ -239,9 +240,9 @@ pub fn query_u64(query: Option<&str>, name: &str) -> Result<Option<u64>, Service
     Ok(value)
 }
 
-/// Bounds the time of one request, so a body sent a byte at a time cannot
+/// Bounds the time of one request (a layer of both routers), so a body sent a byte at a time cannot
 /// hold a connection and its handler: the header timeout alone does not.
-async fn bounded(request: Request, next: Next) -> Response {
+pub async fn bounded(request: Request, next: Next) -> Response {
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ServiceError::new(
@@ -258,14 +259,14 @@ async fn bounded(request: Request, next: Next) -> Response {
 
 /// Serves `router` on one accepted connection with HTTP/1.1 keep-alive.
 ///
-/// Each request is bounded by [`REQUEST_TIMEOUT`], an idle connection by
+/// Each request is bounded by [`REQUEST_TIMEOUT`] (through the routers'
+/// [`bounded`] layer), an idle connection by
 /// [`HEADER_READ_TIMEOUT`], and a connection closes after the request that
 /// runs at [`CONNECTION_MAX_AGE`].
 pub async fn serve_connection<I>(io: I, router: Router)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let router = router.layer(middleware::from_fn(bounded));
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)

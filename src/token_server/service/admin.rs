@@ -82,8 +82,11 @@ impl Service {
             )
         };
 
-        // Holding the signer's write lock keeps token issuance from signing
-        // with the old key after its retirement is committed.
+        // While the write lock is held no issuance can take the old key.
+        // One that took it earlier may still sign and record its token after
+        // the retirement is committed, but that token was issued no later
+        // than `now`, so it expires by `now` plus the token lifetime, which
+        // the old key's publication window always covers.
         let mut signer = self.signer.write().unwrap_or_else(PoisonError::into_inner);
         let old_key_id = signer.key_id();
         let new_key = IdentityKey::generate();
