@@ -91,7 +91,8 @@ pub fn open_service(config: &Config) -> anyhow::Result<Service> {
         );
     }
     check_private_directory(data_dir.root())?;
-    let mut store = SqliteStore::open(&data_dir.database_path())?;
+    let database = data_dir.database_path();
+    let mut store = SqliteStore::open(&database)?;
     let signing_key = data_dir.load_signing_key(&mut store)?;
     let key_id = KeyId::of(&signing_key.public()).to_string();
     match store.signing_keys()?.iter().find(|k| k.key_id == key_id) {
@@ -128,7 +129,8 @@ pub fn open_service(config: &Config) -> anyhow::Result<Service> {
         Some(data_dir),
         unix_now(),
     )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    .map_err(|e| anyhow::anyhow!("{e}"))?
+    .with_reader(Box::new(SqliteStore::open(&database)?));
     Ok(service)
 }
 

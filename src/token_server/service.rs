@@ -109,6 +109,9 @@ pub struct PolicyState {
 /// The token server's state and operations.
 pub struct Service {
     store: Mutex<Box<dyn Store>>,
+    /// A second connection for the lookups of token requests, so they do
+    /// not wait behind a commit's fsync on `store`.
+    reader: Option<Mutex<Box<dyn Store>>>,
     issues: group_commit::GroupCommit,
     policy: RwLock<Arc<PolicyState>>,
     signer: RwLock<Arc<TokenSigner>>,
@@ -141,6 +144,7 @@ impl Service {
     ) -> Result<Self, ServiceError> {
         let service = Service {
             store: Mutex::new(store),
+            reader: None,
             issues: group_commit::GroupCommit::default(),
             policy: RwLock::new(Arc::new(PolicyState {
                 policy: Policy::default(),
@@ -153,6 +157,14 @@ impl Service {
         };
         service.set_policy(policy, now)?;
         Ok(service)
+    }
+
+    /// Adds a second store on the same database for the lookups of token
+    /// requests. It must see every committed write of the main store, as a
+    /// second SQLite connection to the same file in WAL mode does.
+    pub fn with_reader(mut self, reader: Box<dyn Store>) -> Self {
+        self.reader = Some(Mutex::new(reader));
+        self
     }
 
     /// Issuer written into client tokens.
@@ -185,6 +197,14 @@ impl Service {
         // A panic while holding the lock leaves SQLite consistent, because
         // every change is one transaction, so the poisoned guard is usable.
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Returns the store for lookups: the reader if there is one.
+    fn reader(&self) -> MutexGuard<'_, Box<dyn Store>> {
+        match &self.reader {
+            Some(reader) => reader.lock().unwrap_or_else(PoisonError::into_inner),
+            None => self.store(),
+        }
     }
 
     fn signer(&self) -> Arc<TokenSigner> {

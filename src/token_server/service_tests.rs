@@ -39,7 +39,8 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = DataDir::new(dir.path().join("data"));
     data_dir.init("test-issuer", NOW).expect("init");
-    let mut store = SqliteStore::open(&data_dir.database_path()).expect("open");
+    let database = data_dir.database_path();
+    let mut store = SqliteStore::open(&database).expect("open");
     let key = data_dir.load_signing_key(&mut store).expect("key");
     let service = Service::new(
         Box::new(store),
@@ -50,7 +51,10 @@ fn fixture() -> Fixture {
         Some(data_dir),
         NOW,
     )
-    .expect("service");
+    .expect("service")
+    // As h8-tokend runs: token requests read through a second connection,
+    // so these tests also check that it sees the main store's commits.
+    .with_reader(Box::new(SqliteStore::open(&database).expect("open reader")));
     Fixture { _dir: dir, service }
 }
 

@@ -260,7 +260,7 @@ impl Service {
 
         // The store is locked per lookup, not across the signature checks,
         // so concurrent requests verify and sign in parallel.
-        let Some(session) = self.store().session(&request.source_id)? else {
+        let Some(session) = self.reader().session(&request.source_id)? else {
             return Err(ServiceError::forbidden(
                 "session_unknown",
                 format!(
@@ -309,7 +309,7 @@ impl Service {
                 ),
             ));
         }
-        let server = self.store().server(&session.server)?;
+        let server = self.reader().server(&session.server)?;
         match server {
             Some(server) if server.revoked_at.is_some() => {
                 return Err(deny(
