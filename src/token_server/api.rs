@@ -232,7 +232,8 @@ pub struct AdminRotateKeyResponse {
     pub public_key: String,
     /// Id of the retired key.
     pub retired_key_id: String,
-    /// Time after which the retired key leaves `GET /v1/keys`.
+    /// Earliest time at which the retired key may leave `GET /v1/keys`; a
+    /// token recorded after the rotation can keep it there a little longer.
     pub retired_key_published_until: u64,
 }
 

@@ -243,6 +243,9 @@ pub fn query_u64(query: Option<&str>, name: &str) -> Result<Option<u64>, Service
 /// Bounds the time of one request (a layer of both routers), so a body sent a byte at a time cannot
 /// hold a connection and its handler: the header timeout alone does not.
 pub async fn bounded(request: Request, next: Next) -> Response {
+    // NOTE: work already handed to the blocking pool runs on after a
+    // timeout, so a token can be issued and recorded although its caller
+    // got 408.
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
         Err(_) => ServiceError::new(

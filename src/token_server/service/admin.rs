@@ -83,10 +83,11 @@ impl Service {
         };
 
         // While the write lock is held no issuance can take the old key.
-        // One that took it earlier may still sign and record its token after
-        // the retirement is committed, but that token was issued no later
-        // than `now`, so it expires by `now` plus the token lifetime, which
-        // the old key's publication window always covers.
+        // One that took it earlier may still record its token after the
+        // retirement is committed. Its record raises the old key's
+        // `last_token_expires_at`, which `keys` reads, so the key stays
+        // published long enough. The value returned below is computed now
+        // and can be short by such a late token, about a second.
         let mut signer = self.signer.write().unwrap_or_else(PoisonError::into_inner);
         let old_key_id = signer.key_id();
         let new_key = IdentityKey::generate();
