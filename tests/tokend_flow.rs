@@ -84,6 +84,10 @@ impl Server {
     }
 
     fn spawn(dir: &Path) -> Child {
+        Self::spawn_on(dir, "127.0.0.1:0")
+    }
+
+    fn spawn_on(dir: &Path, listen: &str) -> Child {
         let log = fs::File::create(dir.join("tokend.log")).expect("log file");
         Command::new(TOKEND)
             .arg("run")
@@ -91,7 +95,7 @@ impl Server {
             .arg(Self::data_dir(dir))
             .arg("--policy")
             .arg(dir.join("policy.toml"))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .arg("--admin-socket")
             .arg(dir.join("admin.sock"))
             .arg("--ready-file")
@@ -108,20 +112,35 @@ impl Server {
         Self::init(dir.path());
         fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
         let mut child = Self::spawn(dir.path());
-        let ready_path = dir.path().join("ready.json");
+        let ready = Self::wait_ready(dir.path(), &mut child);
+        Server { dir, child, ready }
+    }
+
+    /// Stops the server and starts it again on the same address and data.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        fs::remove_file(self.dir.path().join("ready.json")).expect("remove ready file");
+        self.child = Self::spawn_on(self.dir.path(), &self.ready.listen);
+        let ready = Self::wait_ready(self.dir.path(), &mut self.child);
+        assert_eq!(ready.listen, self.ready.listen);
+    }
+
+    fn wait_ready(dir: &Path, child: &mut Child) -> ReadyInfo {
+        let ready_path = dir.join("ready.json");
         let deadline = Instant::now() + Duration::from_secs(30);
         let ready = loop {
             if let Ok(text) = fs::read_to_string(&ready_path) {
                 break serde_json::from_str::<ReadyInfo>(&text).expect("ready file is JSON");
             }
             if let Some(status) = child.try_wait().expect("wait") {
-                let log = fs::read_to_string(dir.path().join("tokend.log")).unwrap_or_default();
+                let log = fs::read_to_string(dir.join("tokend.log")).unwrap_or_default();
                 panic!("h8-tokend exited with {status} before it was ready:\n{log}");
             }
             assert!(Instant::now() < deadline, "h8-tokend not ready after 30 s");
             std::thread::sleep(Duration::from_millis(50));
         };
-        Server { dir, child, ready }
+        ready
     }
 
     fn client(&self) -> TokenServerClient {
@@ -707,4 +726,17 @@ fn check_config_reports_file_line_column() {
         stderr.contains("h8-tokend.toml:3:1: unknown field `port`"),
         "{stderr}"
     );
+}
+
+/// A client that kept an idle connection to a server that then restarted
+/// sends its next request on a new connection instead of failing.
+#[tokio::test]
+async fn client_reconnects_after_server_restart() {
+    let mut server = Server::start();
+    let client = server.client();
+    let before = client.keys().await.expect("keys before the restart");
+    server.restart();
+    let after = client.keys().await.expect("keys after the restart");
+    assert_eq!(before.keys.len(), after.keys.len());
+    assert_eq!(before.keys[0].key_id, after.keys[0].key_id);
 }

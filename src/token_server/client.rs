@@ -278,6 +278,9 @@ impl TokenServerClient {
 
     /// Takes an idle connection that is still open, if there is one.
     async fn take_idle(&self) -> Option<(Sender, Instant)> {
+        // Let connection tasks process any close that arrived while this
+        // task ran, so a connection the server closed is seen as closed.
+        tokio::task::yield_now().await;
         loop {
             let mut idle = self
                 .idle
@@ -316,24 +319,28 @@ impl TokenServerClient {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Result<RawResponse, ClientError> {
-        let request = build_request(&self.host, method, path, content_type, body)?;
+        let body = Bytes::from(body);
+        let request =
+            || build_request(&self.host, method.clone(), path, content_type, body.clone());
         let work = async {
-            // A reused connection may have been closed by the server just
-            // now; a request that was not sent on it goes out on a new one.
-            let mut request = request;
+            // A kept connection may have been closed by the server since its
+            // last use, for example by a restart. The request then goes out
+            // once more on a new connection; the only case in which the
+            // server can have acted on the first copy is a server that died
+            // after acting and before answering.
             if let Some((mut sender, opened)) = self.take_idle().await {
-                match sender.try_send_request(request).await {
+                match sender.try_send_request(request()?).await {
                     Ok(response) => {
                         let response = read_response(response).await?;
                         self.put_idle(sender, opened);
                         return Ok(response);
                     }
-                    Err(mut error) => match error.take_message() {
-                        Some(unsent) => request = unsent,
-                        None => return Err(ClientError::Http(error.into_error().to_string())),
-                    },
+                    Err(error) => {
+                        tracing::debug!(error = %error.into_error(), "a kept connection to the token server failed; retrying on a new one");
+                    }
                 }
             }
+            let request = request()?;
             let (mut sender, opened) = self.connect().await?;
             let response = sender
                 .send_request(request)
@@ -508,7 +515,7 @@ impl AdminClient {
                         address: address.clone(),
                         source,
                     })?;
-            let request = build_request("localhost", method, path, content_type, body)?;
+            let request = build_request("localhost", method, path, content_type, body.into())?;
             let mut sender = handshake(stream).await?;
             let response = sender
                 .send_request(request)
@@ -610,7 +617,7 @@ fn build_request(
     method: Method,
     path: &str,
     content_type: Option<&str>,
-    body: Vec<u8>,
+    body: Bytes,
 ) -> Result<Request<Full<Bytes>>, ClientError> {
     let mut builder = Request::builder()
         .method(method)
@@ -620,7 +627,7 @@ fn build_request(
         builder = builder.header(hyper::header::CONTENT_TYPE, content_type);
     }
     builder
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(body))
         .map_err(|e| ClientError::Http(e.to_string()))
 }
 
