@@ -8,7 +8,7 @@ mod api;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use api::{allow_a, curl, echo_server, pattern, start_pair, tcp_service, NodeSpec};
+use api::{allow_a, curl, pattern, start_echo_pair, start_pair, tcp_service, NodeSpec};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -224,14 +224,8 @@ async fn http_headers_are_set_and_stripped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_starts_and_stops_forwards() {
-    let echo = echo_server().await;
     let root = tempfile::tempdir().expect("tempdir");
-    let b_spec = NodeSpec {
-        services: tcp_service("echo", echo, "none"),
-        policy: allow_a(&["echo"]),
-        ..NodeSpec::default()
-    };
-    let (a, _b) = start_pair(root.path(), NodeSpec::default(), b_spec);
+    let (a, _b) = start_echo_pair(root.path()).await;
     let forward = a.dir.join("added.sock");
     assert!(!forward.exists());
 

@@ -4,7 +4,7 @@
 #[path = "common/api.rs"]
 mod api;
 
-use api::{allow_a, echo_server, start_pair, tcp_service, NodeSpec};
+use api::{allow_a, echo_server, start_echo_pair, start_pair, tcp_service, NodeSpec};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn json(output: &std::process::Output) -> serde_json::Value {
@@ -24,13 +24,7 @@ fn json(output: &std::process::Output) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_reads_status_peers_metrics() {
     let root = tempfile::tempdir().expect("tempdir");
-    let echo = echo_server().await;
-    let b_spec = NodeSpec {
-        services: tcp_service("echo", echo, "none"),
-        policy: allow_a(&["echo"]),
-        ..NodeSpec::default()
-    };
-    let (a, _b) = start_pair(root.path(), NodeSpec::default(), b_spec);
+    let (a, _b) = start_echo_pair(root.path()).await;
 
     // Open one stream so that the peer is connected.
     let (_, mut stream) = a

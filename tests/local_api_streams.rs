@@ -7,7 +7,9 @@ mod api;
 use std::process::Stdio;
 use std::time::Duration;
 
-use api::{allow_a, echo_server, header, pattern, sha256_hex, start_pair, tcp_service, NodeSpec};
+use api::{
+    allow_a, header, pattern, sha256_hex, start_echo_pair, start_pair, tcp_service, NodeSpec,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -16,13 +18,7 @@ use tokio::sync::mpsc;
 /// SHA-256 of what comes back.
 async fn transfer_through_h8_connect(len: usize) {
     let root = tempfile::tempdir().expect("tempdir");
-    let echo = echo_server().await;
-    let b_spec = NodeSpec {
-        services: tcp_service("echo", echo, "none"),
-        policy: allow_a(&["echo"]),
-        ..NodeSpec::default()
-    };
-    let (a, _b) = start_pair(root.path(), NodeSpec::default(), b_spec);
+    let (a, _b) = start_echo_pair(root.path()).await;
 
     let input = root.path().join("input.bin");
     let output = root.path().join("output.bin");
@@ -270,13 +266,7 @@ async fn open_stream(socket: &std::path::Path, path: &str) -> tokio::net::UnixSt
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_concurrent_streams_share_one_connection() {
     let root = tempfile::tempdir().expect("tempdir");
-    let echo = echo_server().await;
-    let b_spec = NodeSpec {
-        services: tcp_service("echo", echo, "none"),
-        policy: allow_a(&["echo"]),
-        ..NodeSpec::default()
-    };
-    let (a, _b) = start_pair(root.path(), NodeSpec::default(), b_spec);
+    let (a, _b) = start_echo_pair(root.path()).await;
 
     // All opens at once, so a burst of streams reaches the acceptor before
     // it has run any of their tasks.

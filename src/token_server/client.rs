@@ -325,9 +325,8 @@ impl TokenServerClient {
         let work = async {
             // A kept connection may have been closed by the server since its
             // last use, for example by a restart. The request then goes out
-            // once more on a new connection; the only case in which the
-            // server can have acted on the first copy is a server that died
-            // after acting and before answering.
+            // once more on a new connection. The server can have acted on the
+            // first copy only if it died after acting and before responding.
             if let Some((mut sender, opened)) = self.take_idle().await {
                 match sender.try_send_request(request()?).await {
                     Ok(response) => {
@@ -342,11 +341,7 @@ impl TokenServerClient {
             }
             let request = request()?;
             let (mut sender, opened) = self.connect().await?;
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?;
-            let response = read_response(response).await?;
+            let response = exchange(&mut sender, request).await?;
             self.put_idle(sender, opened);
             Ok(response)
         };
@@ -517,11 +512,7 @@ impl AdminClient {
                     })?;
             let request = build_request("localhost", method, path, content_type, body.into())?;
             let mut sender = handshake(stream).await?;
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?;
-            read_response(response).await
+            exchange(&mut sender, request).await
         };
         tokio::time::timeout(REQUEST_TIMEOUT, work)
             .await
@@ -610,6 +601,18 @@ where
         }
     });
     Ok(sender)
+}
+
+/// Sends `request` on `sender` and reads the whole response.
+async fn exchange(
+    sender: &mut Sender,
+    request: Request<Full<Bytes>>,
+) -> Result<RawResponse, ClientError> {
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    read_response(response).await
 }
 
 fn build_request(

@@ -266,6 +266,18 @@ pub async fn echo_server() -> SocketAddr {
 }
 
 /// TOML for a service named `name` with a TCP target.
+/// Starts `server-a` and `server-b`, where `server-b` serves `echo`, a TCP
+/// echo server, and lets `server-a` open it.
+pub async fn start_echo_pair(root: &Path) -> (Node, Node) {
+    let echo = echo_server().await;
+    let b_spec = NodeSpec {
+        services: tcp_service("echo", echo, "none"),
+        policy: allow_a(&["echo"]),
+        ..NodeSpec::default()
+    };
+    start_pair(root, NodeSpec::default(), b_spec)
+}
+
 pub fn tcp_service(name: &str, address: SocketAddr, identity: &str) -> String {
     format!("[services.{name}]\ntarget = \"tcp:{address}\"\nidentity = \"{identity}\"\n\n")
 }
