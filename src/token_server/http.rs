@@ -262,10 +262,10 @@ pub async fn bounded(request: Request, next: Next) -> Response {
 
 /// Serves `router` on one accepted connection with HTTP/1.1 keep-alive.
 ///
-/// Each request is bounded by [`REQUEST_TIMEOUT`] (through the routers'
-/// [`bounded`] layer), an idle connection by
-/// [`HEADER_READ_TIMEOUT`], and a connection closes after the request that
-/// runs at [`CONNECTION_MAX_AGE`].
+/// The routers' [`bounded`] layer limits each request to
+/// [`REQUEST_TIMEOUT`], and [`HEADER_READ_TIMEOUT`] closes an idle
+/// connection. A connection closes after the request that runs when it
+/// reaches [`CONNECTION_MAX_AGE`].
 pub async fn serve_connection<I>(io: I, router: Router)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -53,7 +53,7 @@ fn fixture() -> Fixture {
     )
     .expect("service")
     // As h8-tokend runs: token requests read through a second connection,
-    // so these tests also check that it sees the main store's commits.
+    // so these tests also check that it reads the main store's commits.
     .with_reader(Box::new(SqliteStore::open(&database).expect("open reader")));
     Fixture { _dir: dir, service }
 }

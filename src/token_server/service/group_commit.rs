@@ -84,7 +84,7 @@ impl GroupCommit {
         self.write_batch(own_id, write)
     }
 
-    /// Writes every queued record in one transaction, tells the other
+    /// Writes every queued record in one transaction, sends the other
     /// threads of the batch their outcome and hands the writer's role to
     /// the next waiting thread, if any.
     fn write_batch<W>(&self, own_id: u64, write: W) -> Result<(), ServiceError>
@@ -98,6 +98,7 @@ impl GroupCommit {
             records.push(pending.record);
             replies.push((pending.id, pending.reply));
         }
+
         // A panic in `write` becomes an error for the whole batch, so the
         // writer's role is still handed on and no waiter is left behind.
         // The conversion logs a failure once, for the whole batch.
@@ -108,16 +109,18 @@ impl GroupCommit {
                 ))
             })
             .map_err(ServiceError::from);
+
         for (id, reply) in replies {
             if id != own_id {
-                // A waiter cannot have gone: it blocks until it is told.
+                // A waiter cannot have gone: it blocks until it gets a message.
                 let _ = reply.send(Turn::Done(outcome.clone()));
             }
         }
+
         let mut state = self.state();
         match state.queue.first() {
             // The next writer is woken with the lock held, so no new
-            // arrival can slip in between and find nobody writing.
+            // arrival can slip in between and find no writer.
             Some(next) => {
                 let _ = next.reply.send(Turn::Write);
             }
@@ -190,9 +193,11 @@ mod tests {
                 })
             })
             .collect();
+
         for handle in handles {
             handle.join().unwrap().unwrap();
         }
+
         let mut written = written.lock().unwrap().clone();
         written.sort_unstable();
         assert_eq!(written, (0..threads as u64).collect::<Vec<_>>());
@@ -226,6 +231,7 @@ mod tests {
                 })
             })
         };
+
         started_rx.recv().unwrap();
         let followers: Vec<_> = (1..=others as u64)
             .map(|n| {
@@ -233,13 +239,18 @@ mod tests {
                 std::thread::spawn(move || group.record(record(n), |_| Ok(())))
             })
             .collect();
+
         while group.state().queue.len() < others {
             std::thread::sleep(Duration::from_millis(1));
         }
         go_tx.send(()).unwrap();
+
         let leader = leader.join().unwrap();
         let followers = followers.into_iter().map(|h| h.join().unwrap()).collect();
-        assert!(!group.state().writing, "nobody writes, yet the flag is set");
+        assert!(
+            !group.state().writing,
+            "the writing flag is still set after every record was written"
+        );
         (leader, followers)
     }
 
@@ -256,7 +267,7 @@ mod tests {
     /// A panicking commit is an error for its batch and does not leave the
     /// queued records waiting for ever.
     #[test]
-    fn panic_in_a_commit_hands_on_the_writer_role() {
+    fn panic_fails_only_its_batch() {
         let (leader, followers) = first_batch_then_others(|| panic!("store bug"), 7);
         assert!(leader.is_err());
         assert!(followers.iter().all(Result::is_ok), "{followers:?}");
