@@ -535,6 +535,22 @@ async fn dial(
     }
     .await;
 
+    // The peer may close this connection as a duplicate before its reject
+    // frame is read; the close code then says what the frame would have.
+    let handshake = handshake.map_err(|reject| match connection.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == RejectCode::DuplicateConnection.close_code().into() =>
+        {
+            Reject::new(
+                RejectCode::DuplicateConnection,
+                format!(
+                    "the peer closed this connection as a duplicate: {}",
+                    reject.reason
+                ),
+            )
+        }
+        _ => reject,
+    });
     let established = match handshake {
         Ok(established) => established,
         Err(reject) if reject.code == RejectCode::DuplicateConnection => {
