@@ -154,12 +154,16 @@ async fn open_on(
     // Count the stream from the start, so a connection being replaced is not
     // closed under an open that is still waiting for its reply.
     let guard = StreamGuard::new(daemon, connection.clone());
+    // Whether quinn gave us a stream: without one, the open waited for the
+    // peer's concurrent stream limit, not for the peer's reply.
+    let got_stream = std::sync::atomic::AtomicBool::new(false);
     let exchange = async {
         let (mut send, mut recv) = connection
             .connection
             .open_bi()
             .await
             .map_err(|e| OpenError::Unreachable(e.to_string()))?;
+        got_stream.store(true, Ordering::Relaxed);
         let open = wire::encode(&StreamHeader::Open(StreamOpen {
             service: service.to_owned(),
         }));
@@ -185,11 +189,21 @@ async fn open_on(
     let (send, recv) = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| {
-            OpenError::TimedOut(format!(
-                "peer {:?} did not answer the stream open within {} s",
-                peer.name,
-                timeout.as_secs()
-            ))
+            if got_stream.load(Ordering::Relaxed) {
+                OpenError::TimedOut(format!(
+                    "peer {:?} did not answer the stream open within {} s",
+                    peer.name,
+                    timeout.as_secs()
+                ))
+            } else {
+                OpenError::TimedOut(format!(
+                    "no stream to peer {:?} became free within {} s: the connection is at the \
+                     peer's limit of concurrent streams (its max_streams_per_connection); \
+                     close idle streams or raise that limit on the peer",
+                    peer.name,
+                    timeout.as_secs()
+                ))
+            }
         })??;
     daemon
         .shared
